@@ -1,0 +1,40 @@
+# Two commands for a fresh machine (see README.md):
+#   make demo   set up .venv and run the embedded-default pipeline
+#   make test   set up .venv and run the test suite
+# Both reuse the environment on later runs.
+
+PYTHON ?= python3
+VENV ?= .venv
+# The torch build to install. The default is a pair that imports together on a CPU-only machine.
+# On a GPU box, put your CUDA pair here, or install it into the venv first: an installed torch is kept.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+DATA ?= playground/data/shapes
+SEED ?= 0
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.llava-uta-installed
+
+.PHONY: setup demo test lint clean-data
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/pip install $(TORCH)
+	$(BIN)/python -c "import torch, torchvision; \
+		print('torch==' + torch.__version__.split('+')[0]); \
+		print('torchvision==' + torchvision.__version__.split('+')[0])" > $(VENV)/torch-constraints.txt
+	$(BIN)/pip install -c $(VENV)/torch-constraints.txt -e ".[dev]"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/llava-uta-shapes --out $(DATA) --seed $(SEED)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean-data:
+	rm -rf $(DATA)

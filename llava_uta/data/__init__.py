@@ -1,0 +1,1 @@
+"""Data: the ShapesWorld generator and LLaVA-format datasets."""

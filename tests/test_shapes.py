@@ -1,0 +1,211 @@
+"""ShapesWorld: determinism, LLaVA / CLIP formats, ground truth against pixels, no train/bench leakage."""
+
+import csv
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from llava_uta.constants import DEFAULT_IMAGE_TOKEN
+from llava_uta.data.shapes import ShapesWorldConfig, build
+from llava_uta.data.shapes import language as lang
+from llava_uta.data.shapes.__main__ import main as shapes_main
+from llava_uta.data.shapes.build import BENCH_DIR
+from llava_uta.data.shapes.scene import COLORS, SHAPES, largest_object, scene_key
+
+SMALL = dict(num_clip=80, num_pretrain=80, num_zeroshot_per_class=2, num_stage1=40, num_stage2=60,
+             num_bench_images=30, questions_per_bench_image=2)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("world") / "shapes"
+    build(ShapesWorldConfig(seed=0, **SMALL), out, workers=2)
+    return out
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def digest(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_byte_identical_files(world, tmp_path):
+    again = tmp_path / "again"
+    build(ShapesWorldConfig(seed=0, **SMALL), again, workers=1)  # the worker count must not matter
+    assert digest(again) == digest(world)
+
+
+def test_different_seed_gives_different_scenes(world, tmp_path):
+    other = tmp_path / "other"
+    build(ShapesWorldConfig(seed=1, **SMALL), other)
+    keys0 = [scene_key(s) for s in read_jsonl(world / "scenes.jsonl")]
+    keys1 = [scene_key(s) for s in read_jsonl(other / "scenes.jsonl")]
+    assert len(keys0) == len(keys1)
+    assert sum(a != b for a, b in zip(keys0, keys1, strict=True)) > 0.8 * len(keys0)
+
+
+def test_rebuild_is_reused_and_foreign_data_is_protected(world, tmp_path, capsys):
+    counts, reused = build(ShapesWorldConfig(seed=0, **SMALL), world, workers=1)
+    assert reused and counts["clip/images"] == SMALL["num_clip"]
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        build(ShapesWorldConfig(seed=3, **SMALL), world)
+    assert (world / "manifest.json").is_file()  # nothing lost
+    out = tmp_path / "cli"
+    shapes_main(["--out", str(out), "--seed", "2", "--num-clip", "20", "--num-pretrain", "20",
+                 "--num-stage1", "10", "--num-stage2", "10", "--num-bench-images", "4"])
+    printed = capsys.readouterr().out
+    assert "clip/images" in printed and "20" in printed
+    assert not (tmp_path / ".cli.partial").exists()
+    with pytest.raises(SystemExit, match="cannot exceed"):
+        shapes_main(["--out", str(tmp_path / "bad"), "--num-clip", "5", "--num-stage1", "10"])
+
+
+def test_ground_truth_matches_pixels(world):
+    scenes = read_jsonl(world / "scenes.jsonl")
+    assert len(scenes) == 80 + 80 + 48 * 2 + 30
+    for scene in random.Random(0).sample(scenes, 60):
+        pixels = np.asarray(Image.open(world / scene["image"]).convert("RGB"))
+        assert pixels.shape == (64, 64, 3)
+        for obj in scene["objects"]:
+            x, y = (int(v) for v in obj["center"])
+            assert tuple(pixels[y, x]) == COLORS[obj["color"]], (scene["image"], obj)
+        empty = [(r, c) for r in range(3) for c in range(3)
+                 if not any((o["row"], o["col"]) == (r, c) for o in scene["objects"])]
+        for r, c in empty:  # an empty cell shows only background (dark, never an object colour)
+            centre = pixels[int((r + 0.5) * 64 / 3), int((c + 0.5) * 64 / 3)]
+            assert centre.max() < 100
+
+
+def test_pretrain_imagefolder_and_zeroshot_split(world):
+    scenes = {s["image"]: s for s in read_jsonl(world / "scenes.jsonl")}
+    pretrain = sorted((world / "pretrain/train").rglob("*.png"))
+    assert len(pretrain) == 80
+    for path in pretrain:
+        top = largest_object(scenes[path.relative_to(world).as_posix()])
+        assert path.parent.name == f"{top['color']}_{top['shape']}"
+    folders = sorted(p.name for p in (world / "zeroshot/val").iterdir())
+    classnames = json.loads((world / "zeroshot/classnames.json").read_text())
+    assert len(folders) == len(classnames) == len(COLORS) * len(SHAPES) == 48
+    assert [f.replace("_", " ") for f in folders] == classnames
+    for folder in folders:
+        images = list((world / "zeroshot/val" / folder).glob("*.png"))
+        assert len(images) == 2
+        for image in images:
+            (obj,) = scenes[image.relative_to(world).as_posix()]["objects"]
+            assert f"{obj['color']}_{obj['shape']}" == folder
+    templates = json.loads((world / "zeroshot/templates.json").read_text())
+    assert all(t.count("{}") == 1 for t in templates)
+
+
+def test_clip_captions_csv_names_every_object(world):
+    scenes = {s["image"]: s for s in read_jsonl(world / "scenes.jsonl")}
+    with open(world / "clip/captions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 80 and list(rows[0]) == ["filepath", "title"]
+    for row in rows:
+        assert (world / "clip" / row["filepath"]).is_file()
+        scene = scenes[f"clip/{row['filepath']}"]
+        for obj in scene["objects"]:
+            assert obj["color"] in row["title"] and obj["shape"] in row["title"]
+
+
+def check_conversation(record: dict, exactly_two: bool) -> None:
+    assert set(record) == {"id", "image", "conversations"}
+    turns = record["conversations"]
+    assert len(turns) >= 2 and len(turns) % 2 == 0
+    if exactly_two:
+        assert len(turns) == 2
+    for i, turn in enumerate(turns):
+        assert set(turn) == {"from", "value"}
+        assert turn["from"] == ("human" if i % 2 == 0 else "gpt")
+        assert turn["value"].strip()
+        assert turn["value"].count(DEFAULT_IMAGE_TOKEN) == (1 if i == 0 else 0)
+    first = turns[0]["value"]
+    assert first.startswith(DEFAULT_IMAGE_TOKEN + "\n") or first.endswith("\n" + DEFAULT_IMAGE_TOKEN)
+
+
+def test_llava_stage1_and_stage2_records(world):
+    stage1 = json.loads((world / "llava/pretrain.json").read_text())
+    stage2 = json.loads((world / "llava/instruct.json").read_text())
+    assert len(stage1) == 40 and len(stage2) == 60
+    for record in stage1:
+        check_conversation(record, exactly_two=True)
+        assert record["image"].startswith("clip/images/") and (world / record["image"]).is_file()
+    for record in stage2:
+        check_conversation(record, exactly_two=False)
+        assert record["image"].startswith("pretrain/train/") and (world / record["image"]).is_file()
+    ids = [r["id"] for r in stage1 + stage2]
+    assert len(set(ids)) == len(ids)
+    kinds = {r["id"].rsplit("_", 1)[1] for r in stage2}
+    assert kinds == {"conv", "detail", "complex"}
+    assert len({r["conversations"][0]["value"] for r in stage2}) > 30  # varied phrasings, not one template
+
+
+def test_bench_layout_and_no_leakage(world):
+    bench = world / BENCH_DIR
+    questions = read_jsonl(bench / "questions.jsonl")
+    answers = read_jsonl(bench / "answers_gpt4.jsonl")
+    context = read_jsonl(bench / "context.jsonl")
+    truth = read_jsonl(bench / "ground_truth.jsonl")
+    images = sorted(p.name for p in (bench / "images").glob("*.png"))
+    assert len(questions) == 60 and len(images) == 30
+    assert {q["category"] for q in questions} == {"conv", "detail", "complex"}
+    for q, a, t in zip(questions, answers, truth, strict=True):
+        assert set(q) == {"question_id", "image", "text", "category"}
+        assert q["question_id"] == a["question_id"] == t["question_id"]
+        assert {"question_id", "text", "answer_id", "model_id", "metadata"} <= set(a)
+        assert q["image"] in images and t["scene"]["image"].endswith(q["image"])
+    assert sorted(c["image"] for c in context) == images and all(c["caption"] for c in context)
+
+    bench_keys = {scene_key(t["scene"]) for t in truth}
+    training = [s for s in read_jsonl(world / "scenes.jsonl") if not s["image"].startswith(BENCH_DIR)]
+    assert not bench_keys & {scene_key(s) for s in training}
+    bench_hashes = {hashlib.sha256((bench / "images" / i).read_bytes()).hexdigest() for i in images}
+    train_files = [world / s["image"] for s in training]
+    assert not bench_hashes & {hashlib.sha256(p.read_bytes()).hexdigest() for p in train_files}
+    referenced = json.loads((world / "llava/instruct.json").read_text()) + \
+        json.loads((world / "llava/pretrain.json").read_text())
+    assert not any(r["image"].startswith("eval/") for r in referenced)
+    corpus = (world / "text/corpus.txt").read_text()
+    assert DEFAULT_IMAGE_TOKEN not in corpus
+    assert lang.detailed_description(truth[0]["scene"]) not in corpus
+
+
+SCENE = {"objects": [
+    {"shape": "circle", "color": "red", "size": "large", "row": 0, "col": 0, "position": "top left"},
+    {"shape": "circle", "color": "red", "size": "small", "row": 2, "col": 2, "position": "bottom right"},
+    {"shape": "square", "color": "blue", "size": "small", "row": 1, "col": 2, "position": "right"},
+]}
+
+
+def test_language_is_consistent_with_a_hand_made_scene():
+    big, small, square = SCENE["objects"]
+    assert lang.describe(square, SCENE) == "square"
+    assert lang.describe(big, SCENE) == "large red circle"
+    assert lang.where("top left") == "in the top left corner" and lang.where("right") == "on the right"
+    rng = random.Random(0)
+    for _ in range(200):
+        qa = lang.ask_relation(SCENE, rng)
+        subject = qa.question.split("the ", 1)[1]
+        if subject.startswith("large red circle above"):
+            assert qa.facts == {"answer": "yes"}
+        if subject.startswith("square to the left of the large red circle"):
+            assert qa.facts == {"answer": "no"}
+        qa = lang.ask_count(SCENE, rng)
+        expected = {"How many objects are there?": 3, "How many circles can you see?": 2,
+                    "How many blue objects are there?": 1}
+        if qa.question in expected:
+            assert qa.facts["count"] == expected[qa.question]
+        qa = lang.ask_existence(SCENE, rng)
+        present = any(f"a {o['color']} {o['shape']}" in qa.question for o in SCENE["objects"])
+        assert qa.facts["answer"] == ("yes" if present else "no")
+    assert lang.ask_same_color(SCENE, rng).facts == {"answer": "no"}
+    assert lang.detailed_description(SCENE).startswith("The image shows three objects")
