@@ -7,7 +7,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from llava_uta.data.shapes.build import ShapesWorldConfig, build
+from llava_uta.data.shapes.writer import ShapesWorldConfig, build
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ShapesWorldConfig, argparse.Namespace]:
@@ -16,8 +16,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ShapesWorldConfig, argpar
     parser.add_argument("--overwrite", action="store_true", help="replace an existing world made with another config")
     parser.add_argument("--workers", type=int, default=2, help="rendering processes (the output does not depend on it)")
     for f in fields(ShapesWorldConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=int, default=f.default,
-                            help=f"(default: {f.default})")
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}", dest=f.name, type=int, default=f.default, help=f"(default: {f.default})"
+        )
     args = parser.parse_args(argv)
     cfg = ShapesWorldConfig(**{f.name: getattr(args, f.name) for f in fields(ShapesWorldConfig)})
     return cfg, args

@@ -13,8 +13,14 @@ from llava_uta.data.shapes.scene import PLURALS
 
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CAPTION_PREFIXES = ("", "", "a photo of ", "a picture of ", "an image of ", "a drawing of ", "a rendering of ")
-ZEROSHOT_TEMPLATES = ("a {}.", "a photo of a {}.", "a picture of a {}.", "an image of a {}.",
-                      "a drawing of a {}.", "a rendering of a {}.")
+ZEROSHOT_TEMPLATES = (
+    "a {}.",
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+    "a drawing of a {}.",
+    "a rendering of a {}.",
+)
 BRIEF_PROMPTS = (
     "Describe the image briefly.",
     "Give a short caption for this picture.",
@@ -121,6 +127,7 @@ def describe(obj: dict, scene: dict) -> str:
 
 # ---- conversation questions: color, shape, count, position, existence ----
 
+
 def ask_color(scene: dict, rng: random.Random) -> QA:
     o = rng.choice(scene["objects"])
     if rng.random() < 0.5:
@@ -128,9 +135,11 @@ def ask_color(scene: dict, rng: random.Random) -> QA:
         q = q.format(d=describe(o, scene))
     else:
         q = rng.choice(("What color is the object {w}?", "What is the color of the shape {w}?")).format(
-            w=where(o["position"]))
-    a = rng.choice(("It is {c}.", "The {s} is {c}.", "{C}.")).format(c=o["color"], s=o["shape"],
-                                                                       C=o["color"].capitalize())
+            w=where(o["position"])
+        )
+    a = rng.choice(("It is {c}.", "The {s} is {c}.", "{C}.")).format(
+        c=o["color"], s=o["shape"], C=o["color"].capitalize()
+    )
     return QA(q, a, "color", {"color": o["color"]})
 
 
@@ -147,8 +156,9 @@ def ask_count(scene: dict, rng: random.Random) -> QA:
     mode = rng.choice(("all", "color", "shape"))
     if mode == "all":
         n = len(objects)
-        q = rng.choice(("How many objects are there?", "How many shapes are in the picture?",
-                        "Count the objects in the image."))
+        q = rng.choice(
+            ("How many objects are there?", "How many shapes are in the picture?", "Count the objects in the image.")
+        )
         a = f"There {'is' if n == 1 else 'are'} {NUMBERS[n]} object{'s' if n != 1 else ''}."
     elif mode == "color":
         color = rng.choice(objects)["color"] if rng.random() < 0.8 else rng.choice(("red", "blue", "white"))
@@ -178,11 +188,13 @@ def ask_existence(scene: dict, rng: random.Random) -> QA:
         color, shape = o["color"], o["shape"]
     else:
         present = {(o["color"], o["shape"]) for o in objects}
-        color, shape = rng.choice([(c, s) for c in ("red", "green", "blue", "yellow", "white")
-                                   for s in PLURALS if (c, s) not in present])
+        color, shape = rng.choice(
+            [(c, s) for c in ("red", "green", "blue", "yellow", "white") for s in PLURALS if (c, s) not in present]
+        )
     matches = [o for o in objects if (o["color"], o["shape"]) == (color, shape)]
-    q = rng.choice(("Is there a {c} {s} in the image?", "Can you see a {c} {s}?",
-                    "Does the picture contain a {c} {s}?"))
+    q = rng.choice(
+        ("Is there a {c} {s} in the image?", "Can you see a {c} {s}?", "Does the picture contain a {c} {s}?")
+    )
     if matches:
         a = f"Yes, there is a {noun(matches[0])} {where(matches[0]['position'])}."
     else:
@@ -229,9 +241,11 @@ def ask_conditional_count(scene: dict, rng: random.Random) -> QA:
         n = sum(x["shape"] != o["shape"] for x in objects)
         q = f"How many objects are not {PLURALS[o['shape']]}?"
         total, m = len(objects), len(objects) - n
-        why = (f"There {'is' if total == 1 else 'are'} {NUMBERS[total]} object{'' if total == 1 else 's'} in total "
-               f"and {NUMBERS[m]} of them {'is a' if m == 1 else 'are'} {plural(o['shape'], m)}, "
-               f"which leaves {NUMBERS[n]}")
+        why = (
+            f"There {'is' if total == 1 else 'are'} {NUMBERS[total]} object{'' if total == 1 else 's'} in total "
+            f"and {NUMBERS[m]} of them {'is a' if m == 1 else 'are'} {plural(o['shape'], m)}, "
+            f"which leaves {NUMBERS[n]}"
+        )
     return QA(q, f"{why}. The answer is {NUMBERS[n]}.", "conditional_count", {"count": n})
 
 
@@ -255,8 +269,10 @@ def ask_count_comparison(scene: dict, rng: random.Random) -> QA:
     n1, n2 = sum(o["shape"] == s1 for o in objects), sum(o["shape"] == s2 for o in objects)
     q = f"Are there more {PLURALS[s1]} than {PLURALS[s2]} in the image?"
     verdict = "yes" if n1 > n2 else "no"
-    ans = (f"{verdict.capitalize()}. I count {NUMBERS[n1]} {plural(s1, n1)} and {NUMBERS[n2]} {plural(s2, n2)}, "
-           f"so there {'are' if n1 > n2 else 'are not'} more {PLURALS[s1]}.")
+    ans = (
+        f"{verdict.capitalize()}. I count {NUMBERS[n1]} {plural(s1, n1)} and {NUMBERS[n2]} {plural(s2, n2)}, "
+        f"so there {'are' if n1 > n2 else 'are not'} more {PLURALS[s1]}."
+    )
     return QA(q, ans, "count_comparison", {"answer": verdict})
 
 

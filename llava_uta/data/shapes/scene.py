@@ -14,8 +14,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",
-           "cross": "crosses", "diamond": "diamonds"}
+PLURALS = {
+    "circle": "circles",
+    "square": "squares",
+    "triangle": "triangles",
+    "star": "stars",
+    "cross": "crosses",
+    "diamond": "diamonds",
+}
 COLORS = {
     "red": (230, 40, 40),
     "green": (40, 200, 60),
@@ -44,8 +50,9 @@ def position_name(row: int, col: int) -> str:
     return f"{ROWS[row]} {COLS[col]}"
 
 
-def sample_object(rng: random.Random, cell: int, image_size: int, color: str | None = None,
-                  shape: str | None = None) -> dict:
+def sample_object(
+    rng: random.Random, cell: int, image_size: int, color: str | None = None, shape: str | None = None
+) -> dict:
     """One object in grid cell `cell` (0..8, row-major), with a small jitter that keeps it in its cell."""
     row, col = divmod(cell, 3)
     size = rng.choice(SIZES)
@@ -67,8 +74,14 @@ def sample_object(rng: random.Random, cell: int, image_size: int, color: str | N
     }
 
 
-def sample_scene(rng: random.Random, image_size: int, num_objects: int | None = None,
-                 same_color_prob: float = 0.3, color: str | None = None, shape: str | None = None) -> dict:
+def sample_scene(
+    rng: random.Random,
+    image_size: int,
+    num_objects: int | None = None,
+    same_color_prob: float = 0.3,
+    color: str | None = None,
+    shape: str | None = None,
+) -> dict:
     """A scene graph with 1-4 objects (weighted towards few, so shape is often what tells scenes apart).
 
     Several objects share one colour with probability `same_color_prob`; `color` / `shape` fix them for all.
@@ -108,9 +121,20 @@ def _star(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
 
 def _cross(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     w = 0.35 * r
-    return [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w),
-            (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w),
-            (cx - r, cy - w), (cx - w, cy - w)]
+    return [
+        (cx - w, cy - r),
+        (cx + w, cy - r),
+        (cx + w, cy - w),
+        (cx + r, cy - w),
+        (cx + r, cy + w),
+        (cx + w, cy + w),
+        (cx + w, cy + r),
+        (cx - w, cy + r),
+        (cx - w, cy + w),
+        (cx - r, cy + w),
+        (cx - r, cy - w),
+        (cx - w, cy - w),
+    ]
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:

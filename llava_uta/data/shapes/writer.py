@@ -37,8 +37,13 @@ class ShapesWorldConfig:
     def validate(self) -> None:
         if self.image_size < 32:
             raise ValueError(f"image_size must be at least 32 px, got {self.image_size}")
-        for name in ("num_clip", "num_pretrain", "num_zeroshot_per_class", "num_bench_images",
-                     "questions_per_bench_image"):
+        for name in (
+            "num_clip",
+            "num_pretrain",
+            "num_zeroshot_per_class",
+            "num_bench_images",
+            "questions_per_bench_image",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.num_stage1 > self.num_clip:
@@ -103,12 +108,17 @@ def human_turn(question: str, rng: random.Random, first: bool) -> dict:
 
 def stage1_records(scenes: list[dict], rng: random.Random) -> list[dict]:
     """LLaVA-Pretrain (CC-3M-595K) format: one brief-description request and its caption."""
-    return [{
-        "id": Path(s["image"]).stem,
-        "image": s["image"],
-        "conversations": [human_turn(rng.choice(lang.BRIEF_PROMPTS), rng, first=True),
-                          {"from": "gpt", "value": lang.caption(s, rng, prefix=False)}],
-    } for s in scenes]
+    return [
+        {
+            "id": Path(s["image"]).stem,
+            "image": s["image"],
+            "conversations": [
+                human_turn(rng.choice(lang.BRIEF_PROMPTS), rng, first=True),
+                {"from": "gpt", "value": lang.caption(s, rng, prefix=False)},
+            ],
+        }
+        for s in scenes
+    ]
 
 
 def stage2_records(scenes: list[dict], rng: random.Random) -> list[dict]:
@@ -145,12 +155,32 @@ def bench_files(scenes: list[dict], rng: random.Random, per_image: int) -> dict[
             else:
                 qa = lang.complex_question(s, rng)
             questions.append({"question_id": qid, "image": image, "text": qa.question, "category": category})
-            answers.append({"question_id": qid, "text": qa.answer, "category": category,
-                            "answer_id": f"ref-{qid}", "model_id": "shapesworld-reference", "metadata": {}})
-            truth.append({"question_id": qid, "image": image, "category": category, "kind": qa.kind,
-                          "facts": qa.facts, "scene": s})
-    return {"questions.jsonl": questions, "answers_gpt4.jsonl": answers, "context.jsonl": context,
-            "ground_truth.jsonl": truth}
+            answers.append(
+                {
+                    "question_id": qid,
+                    "text": qa.answer,
+                    "category": category,
+                    "answer_id": f"ref-{qid}",
+                    "model_id": "shapesworld-reference",
+                    "metadata": {},
+                }
+            )
+            truth.append(
+                {
+                    "question_id": qid,
+                    "image": image,
+                    "category": category,
+                    "kind": qa.kind,
+                    "facts": qa.facts,
+                    "scene": s,
+                }
+            )
+    return {
+        "questions.jsonl": questions,
+        "answers_gpt4.jsonl": answers,
+        "context.jsonl": context,
+        "ground_truth.jsonl": truth,
+    }
 
 
 def generate(cfg: ShapesWorldConfig, out: Path, workers: int = 2) -> dict[str, int]:
@@ -185,8 +215,9 @@ def generate(cfg: ShapesWorldConfig, out: Path, workers: int = 2) -> dict[str, i
 
     scenes = bench + clip + pretrain + zeroshot
     write_images(out, scenes, workers)
-    write_jsonl(out / "scenes.jsonl", [{"image": s["image"], **{k: v for k, v in s.items() if k != "image"}}
-                                       for s in scenes])
+    write_jsonl(
+        out / "scenes.jsonl", [{"image": s["image"], **{k: v for k, v in s.items() if k != "image"}} for s in scenes]
+    )
 
     caption_rng = split_rng(cfg.seed, "captions")
     captions = [(Path(s["image"]).relative_to("clip").as_posix(), lang.caption(s, caption_rng)) for s in clip]
@@ -208,18 +239,25 @@ def generate(cfg: ShapesWorldConfig, out: Path, workers: int = 2) -> dict[str, i
         write_jsonl(out / BENCH_DIR / name, rows)
 
     corpus = [t for _, t in captions]
-    corpus += [turn["value"].replace(DEFAULT_IMAGE_TOKEN, "").strip() for r in stage1 + stage2
-               for turn in r["conversations"]]
+    corpus += [
+        turn["value"].replace(DEFAULT_IMAGE_TOKEN, "").strip() for r in stage1 + stage2 for turn in r["conversations"]
+    ]
     (out / "text").mkdir()
     (out / "text/corpus.txt").write_text("\n".join(corpus) + "\n")
 
     counts = {
-        "clip/images": len(clip), "clip/captions.csv": len(captions),
-        "pretrain/train": len(pretrain), "pretrain classes": len({Path(s["image"]).parent.name for s in pretrain}),
-        "zeroshot/val": len(zeroshot), "zeroshot classes": len(classes),
-        "llava/pretrain.json": len(stage1), "llava/instruct.json": len(stage2),
-        f"{BENCH_DIR}/images": len(bench), f"{BENCH_DIR}/questions.jsonl": len(bench_out["questions.jsonl"]),
-        "text/corpus.txt lines": len(corpus), "scenes.jsonl": len(scenes),
+        "clip/images": len(clip),
+        "clip/captions.csv": len(captions),
+        "pretrain/train": len(pretrain),
+        "pretrain classes": len({Path(s["image"]).parent.name for s in pretrain}),
+        "zeroshot/val": len(zeroshot),
+        "zeroshot classes": len(classes),
+        "llava/pretrain.json": len(stage1),
+        "llava/instruct.json": len(stage2),
+        f"{BENCH_DIR}/images": len(bench),
+        f"{BENCH_DIR}/questions.jsonl": len(bench_out["questions.jsonl"]),
+        "text/corpus.txt lines": len(corpus),
+        "scenes.jsonl": len(scenes),
     }
     write_json(out / "manifest.json", {"format_version": FORMAT_VERSION, "config": asdict(cfg), "counts": counts})
     return counts
@@ -243,8 +281,10 @@ def build(cfg: ShapesWorldConfig, out: Path, overwrite: bool = False, workers: i
     if config_matches(out, cfg):
         return json.loads((out / "manifest.json").read_text())["counts"], True
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} already holds other data (no manifest.json with this config); "
-                              "pass --overwrite to replace it or choose another --out")
+        raise FileExistsError(
+            f"{out} already holds other data (no manifest.json with this config); "
+            "pass --overwrite to replace it or choose another --out"
+        )
     tmp = out.parent / f".{out.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -1,0 +1,162 @@
+"""Which patches the UTA student keeps: random, block-wise, reversed block-wise (default) and either-or.
+
+Every strategy keeps exactly K = N - round(mask_ratio * N) of the N patches of a grid, in every sample,
+so a batch of kept indices is a rectangular (B, K) tensor.
+
+- `random`: K positions uniformly at random.
+- `block`: BEiT block-wise masking (rectangles of log-uniform aspect, with an exact-count top-up as in
+  BEiT-v2) masks round(r*N) patches; the student keeps the rest. Its kept set is edge-heavy.
+- `reversed_block`: the same block generator picks the *kept* set (K patches), so the aligned tokens
+  are spatially balanced: the paper's default reading.
+- `block_or_complement`: per sample, `block` or `reversed_block` with probability 1/2 each.
+
+    python -m pretrain.masking --grid 16 --mask-ratio 0.5 --kind reversed_block --out masks.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MASKING_KINDS = ("random", "block", "reversed_block", "block_or_complement")
+
+
+def block_mask(height: int, width: int, count: int, rng: random.Random, min_block: int = 4,
+               max_block: int | None = None, min_aspect: float = 0.3) -> np.ndarray:
+    """A (height, width) bool mask with exactly `count` cells set, made of rectangles (BEiT-style).
+
+    Rectangles of area U(min_block, remaining budget) and aspect ratio log-uniform in
+    [min_aspect, 1/min_aspect] are placed at random (never spanning the whole width or height) until
+    the budget is met or no rectangle fits; the remainder is topped up with random free cells.
+    """
+    if not 0 <= count <= height * width:
+        raise ValueError(f"count must be in [0, {height * width}], got {count}")
+    mask = np.zeros((height, width), dtype=bool)
+    max_block = max_block or count
+    log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+    filled = 0
+    while filled < count:
+        budget = min(count - filled, max_block)
+        added = 0
+        for _ in range(10):
+            area = rng.uniform(min_block, budget)
+            aspect = math.exp(rng.uniform(*log_aspect))
+            h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if not (0 < h < height and 0 < w < width):
+                continue
+            top, left = rng.randint(0, height - h), rng.randint(0, width - w)
+            new = h * w - int(mask[top:top + h, left:left + w].sum())
+            if 0 < new <= budget:
+                mask[top:top + h, left:left + w] = True
+                added = new
+                break
+        if added == 0:
+            break
+        filled += added
+    if filled < count:  # exact count: top up with random free cells
+        free = np.flatnonzero(~mask.ravel())
+        mask.ravel()[rng.sample(list(free), count - filled)] = True
+    return mask
+
+
+class KeepIndexGenerator:
+    """Draws the sorted indices (raster order) of the K patches the student keeps in one image."""
+
+    def __init__(self, grid: int | tuple[int, int], mask_ratio: float, kind: str = "reversed_block",
+                 min_block: int = 4, min_aspect: float = 0.3, seed: int | None = None):
+        if kind not in MASKING_KINDS:
+            raise ValueError(f"unknown masking kind {kind!r}; expected one of {MASKING_KINDS}")
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        self.height, self.width = (grid, grid) if isinstance(grid, int) else grid
+        self.num_patches = self.height * self.width
+        self.num_masked = round(mask_ratio * self.num_patches)
+        self.num_keep = self.num_patches - self.num_masked
+        self.kind, self.min_block, self.min_aspect = kind, min_block, min_aspect
+        self.rng = random.Random(seed)
+
+    def seed(self, seed: int) -> None:
+        """Reseed (e.g. once per DataLoader worker) so that draws are reproducible."""
+        self.rng.seed(seed)
+
+    def _blocks(self, count: int) -> np.ndarray:
+        return block_mask(self.height, self.width, count, self.rng, self.min_block, None, self.min_aspect)
+
+    def __call__(self) -> torch.Tensor:
+        kind = self.kind
+        if kind == "block_or_complement":
+            kind = "block" if self.rng.random() < 0.5 else "reversed_block"
+        if kind == "random":
+            keep = sorted(self.rng.sample(range(self.num_patches), self.num_keep))
+            return torch.tensor(keep, dtype=torch.long)
+        if kind == "block":
+            kept = ~self._blocks(self.num_masked)
+        else:
+            kept = self._blocks(self.num_keep)
+        return torch.from_numpy(np.flatnonzero(kept.ravel())).long()
+
+    def __repr__(self) -> str:
+        return (f"KeepIndexGenerator(grid={self.height}x{self.width}, kind={self.kind}, "
+                f"keep={self.num_keep}/{self.num_patches})")
+
+
+def keep_frequency(generator: KeepIndexGenerator, draws: int) -> np.ndarray:
+    """How often each grid position is kept, over `draws` samples: an (H, W) array in [0, 1]."""
+    counts = np.zeros(generator.num_patches)
+    for _ in range(draws):
+        counts[generator().numpy()] += 1
+    return (counts / draws).reshape(generator.height, generator.width)
+
+
+def render_masks(generator: KeepIndexGenerator, out: Path, samples: int = 8, draws: int = 2000) -> np.ndarray:
+    """Save a PNG: `samples` example keep masks and the per-position keep-frequency heatmap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    freq = keep_frequency(generator, draws)
+    fig, axes = plt.subplots(1, samples + 1, figsize=(1.6 * (samples + 1) + 0.8, 2.0))
+    for ax in axes[:samples]:
+        kept = np.zeros(generator.num_patches)
+        kept[generator().numpy()] = 1
+        ax.imshow(kept.reshape(generator.height, generator.width), cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    image = axes[-1].imshow(freq, cmap="viridis", vmin=0, vmax=1)
+    axes[-1].set_title(f"keep freq. ({draws})", fontsize=8)
+    axes[-1].set_xticks([])
+    axes[-1].set_yticks([])
+    fig.colorbar(image, ax=axes[-1], fraction=0.046)
+    fig.suptitle(f"{generator.kind}: keep {generator.num_keep} of {generator.num_patches} (white = kept)",
+                 fontsize=9)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return freq
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="uta-masks", description="Render sample keep masks and the keep heatmap.")
+    parser.add_argument("--grid", type=int, default=16, help="patch grid side (224 px / patch 14 = 16)")
+    parser.add_argument("--mask-ratio", type=float, default=0.5)
+    parser.add_argument("--kind", choices=MASKING_KINDS, default="reversed_block")
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--draws", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("masks.png"))
+    args = parser.parse_args(argv)
+    generator = KeepIndexGenerator(args.grid, args.mask_ratio, args.kind, seed=args.seed)
+    freq = render_masks(generator, args.out, args.samples, args.draws)
+    corner, center = freq[0, 0], freq[args.grid // 2, args.grid // 2]
+    print(f"{generator}: keep frequency corner {corner:.2f}, center {center:.2f}, "
+          f"min {freq.min():.2f}, max {freq.max():.2f} -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

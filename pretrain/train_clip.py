@@ -1,0 +1,157 @@
+"""Train a small open_clip CLIP on image-caption pairs: the teacher of the embedded default.
+
+Real runs use a released CLIP (EVA-CLIP) as the teacher; on ShapesWorld there is none, so this trains one
+from scratch in minutes on the CPU. The data (open_clip's CSV layout) is decoded into memory once, which
+suits small datasets; for large ones use `python -m open_clip_train.main`.
+
+The result is an open_clip "local-dir" folder (`open_clip_config.json` + `open_clip_model.safetensors`)
+that loads with `open_clip.create_model_and_transforms("local-dir:PATH")`.
+
+    llava-uta-train-clip --train-csv playground/data/shapes/clip/captions.csv --out runs/teacher --steps 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.loss import ClipLoss
+from PIL import Image
+from safetensors.torch import save_file
+
+# A 1.5M-parameter CLIP for 64x64 ShapesWorld images (patch 8 -> an 8x8 token grid).
+TINY_CLIP_CFG = {
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 4, "head_width": 32, "mlp_ratio": 4.0},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
+}
+
+
+def read_captions(csv_path: Path, separator: str = ",", img_key: str = "filepath",
+                  caption_key: str = "title") -> tuple[list[Path], list[str]]:
+    """Image paths (relative ones resolved against the CSV's folder) and captions from an open_clip CSV."""
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f, delimiter=separator)
+        missing = {img_key, caption_key} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{csv_path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}")
+        rows = list(reader)
+    if not rows:
+        raise ValueError(f"{csv_path}: no rows")
+    paths = [Path(r[img_key]) if Path(r[img_key]).is_absolute() else csv_path.parent / r[img_key] for r in rows]
+    return paths, [r[caption_key] for r in rows]
+
+
+def load_images(paths: list[Path], image_size: int) -> torch.Tensor:
+    """Decode every image once into a uint8 (N, 3, H, W) tensor, resized to `image_size` if needed."""
+    out = torch.empty(len(paths), 3, image_size, image_size, dtype=torch.uint8)
+    for i, p in enumerate(paths):
+        img = Image.open(p).convert("RGB")
+        if img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        out[i] = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
+    return out
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """open_clip's rule: no weight decay on gains, biases, embeddings and the logit scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name \
+            or "embedding" in name or "class_embedding" in name
+        (no_decay if exclude else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * peak * (1 + math.cos(math.pi * progress))
+
+
+def save_local_dir(model: open_clip.CLIP, model_cfg: dict, out: Path) -> None:
+    """Write an open_clip local-dir folder atomically (temporary sibling, then rename)."""
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "open_clip_model.safetensors")
+    config = {"model_cfg": model_cfg,
+              "preprocess_cfg": {"mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD),
+                                 "interpolation": "bicubic", "resize_mode": "shortest"}}
+    (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def train(train_csv: Path, out: Path, model_cfg: dict, steps: int, batch_size: int = 128, lr: float = 1e-3,
+          weight_decay: float = 0.1, warmup: int = 20, seed: int = 0, log_every: int = 20) -> list[dict]:
+    """Train a CLIP for `steps` steps and save it to `out`; returns the per-step log."""
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**model_cfg)
+    tokenizer = open_clip.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
+    paths, captions = read_captions(train_csv)
+    images = load_images(paths, model_cfg["vision_cfg"]["image_size"])
+    tokens = tokenizer(captions)
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    loss_fn = ClipLoss()
+    generator = torch.Generator().manual_seed(seed)
+    log, start = [], time.perf_counter()
+    model.train()
+    for step in range(steps):
+        idx = torch.randint(len(images), (batch_size,), generator=generator)
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, steps, warmup, lr)
+        image_features, text_features, logit_scale = model(normalize(images[idx]), tokens[idx])
+        loss = loss_fn(image_features, text_features, logit_scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        record = {"step": step + 1, "loss": loss.item(), "seconds": time.perf_counter() - start}
+        log.append(record)
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            print(f"step {step + 1}/{steps}  loss {record['loss']:.4f}  {record['seconds']:.0f} s", flush=True)
+    save_local_dir(model, model_cfg, out)
+    (out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    return log
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="llava-uta-train-clip", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-csv", type=Path, required=True, help="CSV with filepath,title columns")
+    parser.add_argument("--out", type=Path, required=True, help="output open_clip local-dir folder")
+    parser.add_argument("--model-config", type=Path, help="JSON model_cfg (default: the tiny ShapesWorld CLIP)")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--wd", type=float, default=0.1)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    model_cfg = json.loads(args.model_config.read_text()) if args.model_config else TINY_CLIP_CFG
+    train(args.train_csv, args.out, model_cfg, args.steps, args.batch_size, args.lr, args.wd, args.warmup, args.seed)
+    print(f"saved CLIP to {args.out} (load with open_clip.create_model_and_transforms('local-dir:{args.out}'))")
+
+
+if __name__ == "__main__":
+    main()
