@@ -14,8 +14,8 @@ from llava_uta.constants import DEFAULT_IMAGE_TOKEN
 from llava_uta.data.shapes import ShapesWorldConfig, build
 from llava_uta.data.shapes import language as lang
 from llava_uta.data.shapes.__main__ import main as shapes_main
-from llava_uta.data.shapes.writer import BENCH_DIR
 from llava_uta.data.shapes.scene import COLORS, SHAPES, largest_object, scene_key
+from llava_uta.data.shapes.writer import BENCH_DIR
 
 SMALL = dict(num_clip=80, num_pretrain=80, num_zeroshot_per_class=2, num_stage1=40, num_stage2=60,
              num_bench_images=30, questions_per_bench_image=2)

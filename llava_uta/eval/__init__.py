@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot classification and image-text retrieval (zeroshot), and the benchmarks built on them."""

@@ -1,0 +1,112 @@
+"""Safe checkpoint I/O: read state dicts without unpickling code, load them strictly, save UTA students.
+
+A UTA student checkpoint (what the pre-training engine writes) is `NAME.safetensors` holding the
+`UTAViT` state dict plus `NAME.json` beside it holding its `UTAViTConfig` fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from llava_uta.model.uta_vit import UTAViT, UTAViTConfig
+
+WRAPPER_KEYS = ("state_dict", "model", "module")  # common containers around a state dict
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read or does not fit the model."""
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read a flat state dict from .safetensors, or from .pt/.pth/.bin with torch.load(weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        if path.suffix == ".safetensors":
+            obj = load_file(path, device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, not a checkpoint, or pickled code that weights_only refuses
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (expected .safetensors, or a torch.save'd state dict "
+            f"loadable with weights_only=True): {type(e).__name__}: {e}"
+        ) from e
+    while isinstance(obj, dict) and len(obj) and not isinstance(next(iter(obj.values())), Tensor):
+        wrapper = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+        if wrapper is None:
+            break
+        obj = obj[wrapper]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(
+            f"{path}: expected a dict of tensors (possibly under one of {WRAPPER_KEYS}), "
+            f"got {type(obj).__name__}" + (f" with keys {list(obj)[:8]}" if isinstance(obj, dict) else "")
+        )
+    return obj
+
+
+def load_strict(module: nn.Module, state_dict: dict[str, Tensor], source: str) -> None:
+    """load_state_dict(strict=True), but listing every missing/unexpected key and shape mismatch at once."""
+    expected = module.state_dict()
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(expected.keys() & state_dict.keys())
+        if state_dict[k].shape != expected[k].shape
+    ]
+    problems = [
+        f"{title} ({len(items)}): {', '.join(items[:12])}{' ...' if len(items) > 12 else ''}"
+        for title, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        )
+        if items
+    ]
+    if problems:
+        raise CheckpointError(f"{source} does not fit {type(module).__name__}: " + "; ".join(problems))
+    module.load_state_dict(state_dict, strict=True)
+
+
+def student_config_path(path: str | os.PathLike) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def save_uta_vit(model: UTAViT, path: str | os.PathLike) -> None:
+    """Write a UTA student checkpoint: PATH (.safetensors) and its config PATH.json, each atomically."""
+    path = Path(path)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, tmp, metadata={"format": "pt"})
+    os.replace(tmp, path)
+    cfg_path = student_config_path(path)
+    tmp = cfg_path.with_name(f".{cfg_path.name}.tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2) + "\n")
+    os.replace(tmp, cfg_path)
+
+
+def load_uta_vit_config(path: str | os.PathLike) -> UTAViTConfig:
+    cfg_path = student_config_path(path)
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path}: a UTA student checkpoint needs its config file {cfg_path} beside it")
+    fields = json.loads(cfg_path.read_text())
+    known = {f.name for f in dataclasses.fields(UTAViTConfig)}
+    if unknown := fields.keys() - known:
+        raise CheckpointError(f"{cfg_path}: unknown UTAViTConfig fields {sorted(unknown)}")
+    return UTAViTConfig(**fields)
+
+
+def load_uta_vit(path: str | os.PathLike, **overrides) -> UTAViT:
+    """Load a UTA student checkpoint; overrides replace config fields that do not change the weights."""
+    cfg = dataclasses.replace(load_uta_vit_config(path), **overrides)
+    model = UTAViT(cfg)
+    load_strict(model, load_state_dict_file(path), str(path))
+    return model

@@ -1,0 +1,63 @@
+"""Turn a UTA checkpoint into a transformers vision-tower folder (config, weights, CLIP image processor).
+
+    llava-uta-convert official_uta_l14_336.pt towers/uta-l14-336            # a released checkpoint
+    llava-uta-convert runs/uta/student.safetensors towers/uta-student      # a pre-training student (+ .json)
+
+The folder loads with `AutoModel.from_pretrained` / `AutoImageProcessor.from_pretrained` once `llava_uta` is
+imported, and serves as the vision tower of a Llava model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from transformers import CLIPImageProcessor
+from transformers.image_utils import PILImageResampling
+
+from llava_uta.model.checkpoint import load_uta_vit, student_config_path
+from llava_uta.model.hf_vision import UTAVisionModel
+from llava_uta.model.official import load_official_visual
+from llava_uta.model.uta_vit import UTAViT
+
+
+def clip_image_processor(image_size: int) -> CLIPImageProcessor:
+    """Bicubic short-side resize, centre crop, OpenAI CLIP mean/std: the UTA evaluation preprocessing."""
+    return CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        resample=PILImageResampling.BICUBIC,
+        image_mean=list(OPENAI_DATASET_MEAN),
+        image_std=list(OPENAI_DATASET_STD),
+    )
+
+
+def load_any_uta_vit(path: str | os.PathLike, kind: str = "auto") -> UTAViT:
+    """A student checkpoint (has PATH.json beside it) or a released checkpoint's vision tower."""
+    if kind == "auto":
+        kind = "student" if student_config_path(path).is_file() else "official"
+    return load_uta_vit(path) if kind == "student" else load_official_visual(path)
+
+
+def convert(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, kind: str = "auto") -> Path:
+    out_dir = Path(out_dir)
+    vit = load_any_uta_vit(checkpoint, kind)
+    UTAVisionModel.from_vit(vit).save_pretrained(out_dir)
+    clip_image_processor(vit.cfg.img_size).save_pretrained(out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="released UTA checkpoint, or student .safetensors with its .json")
+    parser.add_argument("out_dir", help="folder to write (config.json, model.safetensors, preprocessor_config.json)")
+    parser.add_argument("--kind", choices=("auto", "official", "student"), default="auto")
+    args = parser.parse_args(argv)
+    out = convert(args.checkpoint, args.out_dir, args.kind)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Shared fixtures: a tiny random checkpoint in the released UTA layout (paper.md §5.2-5.3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# a 32 px, patch-8 vision tower (4x4 grid, so RoPE is interpolated from the 16-grid) and a 2-layer text tower
+TINY_OFFICIAL = dict(
+    img=32, patch=8, width=64, depth=2, heads=2, hidden=170, embed=48, text_width=64, text_layers=2, vocab=49408, ctx=77
+)
+
+
+def official_rope_tables(grid: int, head_dim: int, ref_grid: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """freqs_cos, freqs_sin (N, head_dim) as the released VisionRotaryEmbeddingFast stores them (paper.md §5.2)."""
+    dim = head_dim // 2
+    freqs = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)
+    t = torch.arange(grid).float() / grid * ref_grid
+    f = torch.outer(t, freqs).repeat_interleave(2, dim=-1)  # (G, dim), pairs interleaved
+    f = torch.cat([f[:, None, :].expand(grid, grid, dim), f[None, :, :].expand(grid, grid, dim)], dim=-1)
+    f = f.reshape(grid * grid, head_dim)  # first half: row angle, second half: column angle
+    return f.cos(), f.sin()
+
+
+def make_official_state_dict(seed: int = 0, **shape) -> dict[str, torch.Tensor]:
+    """Random weights under the official key names and shapes; scaled so activations stay O(1)."""
+    s = {**TINY_OFFICIAL, **shape}
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *size, std=0.1: torch.randn(*size, generator=g) * std
+    norm = lambda n: (1 + rnd(n), rnd(n))
+    sd: dict[str, torch.Tensor] = {}
+    D, H, E, W = s["width"], s["hidden"], s["embed"], s["text_width"]
+    grid = s["img"] // s["patch"]
+    cos, sin = official_rope_tables(grid, D // s["heads"])
+    v = "visual."
+    sd[v + "cls_token"] = rnd(1, 1, D, std=0.5)
+    sd[v + "pos_embed"] = rnd(1, grid * grid + 1, D, std=0.5)
+    sd[v + "patch_embed.proj.weight"] = rnd(D, 3, s["patch"], s["patch"])
+    sd[v + "patch_embed.proj.bias"] = rnd(D)
+    sd[v + "rope.freqs_cos"], sd[v + "rope.freqs_sin"] = cos.clone(), sin.clone()
+    for i in range(s["depth"]):
+        b = f"{v}blocks.{i}."
+        sd[b + "norm1.weight"], sd[b + "norm1.bias"] = norm(D)
+        sd[b + "attn.q_bias"], sd[b + "attn.v_bias"] = rnd(D), rnd(D)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            sd[b + f"attn.{name}.weight"] = rnd(D, D, std=D**-0.5)
+        sd[b + "attn.proj.weight"], sd[b + "attn.proj.bias"] = rnd(D, D, std=D**-0.5), rnd(D)
+        sd[b + "attn.rope.freqs_cos"], sd[b + "attn.rope.freqs_sin"] = cos.clone(), sin.clone()
+        sd[b + "norm2.weight"], sd[b + "norm2.bias"] = norm(D)
+        sd[b + "mlp.w1.weight"], sd[b + "mlp.w1.bias"] = rnd(H, D, std=D**-0.5), rnd(H)
+        sd[b + "mlp.w2.weight"], sd[b + "mlp.w2.bias"] = rnd(H, D, std=D**-0.5), rnd(H)
+        sd[b + "mlp.ffn_ln.weight"], sd[b + "mlp.ffn_ln.bias"] = norm(H)
+        sd[b + "mlp.w3.weight"], sd[b + "mlp.w3.bias"] = rnd(D, H, std=H**-0.5), rnd(D)
+    sd[v + "norm.weight"], sd[v + "norm.bias"] = norm(D)
+    sd[v + "head.weight"], sd[v + "head.bias"] = rnd(E, D, std=D**-0.5), rnd(E)
+    t = "text."
+    sd[t + "token_embedding.weight"] = rnd(s["vocab"], W, std=0.5)
+    sd[t + "positional_embedding"] = rnd(s["ctx"], W)
+    for i in range(s["text_layers"]):
+        b = f"{t}transformer.resblocks.{i}."
+        sd[b + "ln_1.weight"], sd[b + "ln_1.bias"] = norm(W)
+        sd[b + "attn.in_proj_weight"], sd[b + "attn.in_proj_bias"] = rnd(3 * W, W, std=W**-0.5), rnd(3 * W)
+        sd[b + "attn.out_proj.weight"], sd[b + "attn.out_proj.bias"] = rnd(W, W, std=W**-0.5), rnd(W)
+        sd[b + "ln_2.weight"], sd[b + "ln_2.bias"] = norm(W)
+        sd[b + "mlp.c_fc.weight"], sd[b + "mlp.c_fc.bias"] = rnd(4 * W, W, std=W**-0.5), rnd(4 * W)
+        sd[b + "mlp.c_proj.weight"], sd[b + "mlp.c_proj.bias"] = rnd(W, 4 * W, std=(4 * W) ** -0.5), rnd(W)
+    sd[t + "ln_final.weight"], sd[t + "ln_final.bias"] = norm(W)
+    sd[t + "text_projection"] = rnd(W, E, std=W**-0.5)
+    sd["logit_scale"] = torch.tensor(4.6052)
+    return sd
+
+
+@pytest.fixture(scope="session")
+def official_state_dict() -> dict[str, torch.Tensor]:
+    return make_official_state_dict()
+
+
+@pytest.fixture(scope="session")
+def official_checkpoint(tmp_path_factory, official_state_dict):
+    """The tiny official-layout state dict saved the way the released .pt files are (a flat torch.save)."""
+    path = tmp_path_factory.mktemp("official") / "uta_tiny.pt"
+    torch.save(official_state_dict, path)
+    return path
