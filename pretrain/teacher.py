@@ -18,6 +18,17 @@ from torch import nn
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def dtype_of(precision: str) -> torch.dtype:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    return PRECISIONS[precision]
+
+
+def load_clip(name: str, pretrained: str | None = None) -> nn.Module:
+    """An open_clip model by name or 'local-dir:PATH'; weights only from local files."""
+    return open_clip.create_model(name, pretrained=pretrained)
+
+
 class CLIPTeacher(nn.Module):
     """A frozen open_clip vision tower (eval mode, no gradients) that returns per-token CLIP targets."""
 
@@ -31,6 +42,7 @@ class CLIPTeacher(nn.Module):
         self.image_size = tuple(visual.image_size)
         self.patch_size = self._patch_size(visual)
         self.grid = (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
+        self.embed_dim = self(torch.zeros(1, 3, *self.image_size)).shape[-1]
 
     @staticmethod
     def _patch_size(visual: nn.Module) -> tuple[int, int]:
@@ -39,12 +51,14 @@ class CLIPTeacher(nn.Module):
         return tuple(visual.trunk.patch_embed.patch_size)
 
     @classmethod
+    def from_clip(cls, clip: nn.Module, precision: str = "fp32") -> CLIPTeacher:
+        return cls(clip.visual, dtype_of(precision))
+
+    @classmethod
     def from_pretrained(cls, name: str, pretrained: str | None = None, precision: str = "fp32") -> CLIPTeacher:
         """Any open_clip model by name ('EVA01-g-14-plus', 'local-dir:PATH', ...) with local weights."""
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-        model = open_clip.create_model(name, pretrained=pretrained)
-        return cls(model.visual, PRECISIONS[precision])
+        dtype = dtype_of(precision)  # refuse a bad flag before loading a large model
+        return cls(load_clip(name, pretrained).visual, dtype)
 
     def train(self, mode: bool = True) -> CLIPTeacher:
         return super().train(False)  # always frozen

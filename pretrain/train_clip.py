@@ -101,9 +101,22 @@ def save_local_dir(model: open_clip.CLIP, model_cfg: dict, out: Path) -> None:
     os.replace(tmp, out)
 
 
+def sample_batch(num_rows: int, batch_size: int, group_size: int, generator: torch.Generator) -> torch.Tensor:
+    """Row indices of a batch made of whole groups of `group_size` consecutive rows (hard negatives)."""
+    if batch_size % group_size:
+        raise ValueError(f"batch size {batch_size} is not a multiple of the group size {group_size}")
+    starts = torch.randint(num_rows // group_size, (batch_size // group_size,), generator=generator) * group_size
+    return (starts[:, None] + torch.arange(group_size)).flatten()
+
+
 def train(train_csv: Path, out: Path, model_cfg: dict, steps: int, batch_size: int = 128, lr: float = 1e-3,
-          weight_decay: float = 0.1, warmup: int = 20, seed: int = 0, log_every: int = 20) -> list[dict]:
-    """Train a CLIP for `steps` steps and save it to `out`; returns the per-step log."""
+          weight_decay: float = 0.1, warmup: int = 20, seed: int = 0, group_size: int = 1,
+          log_every: int = 20) -> list[dict]:
+    """Train a CLIP for `steps` steps and save it to `out`; returns the per-step log.
+
+    With `group_size` G > 1 the CSV rows come in groups of G related captions (ShapesWorld: shape variants
+    of one layout) and every batch is made of whole groups, so each sample meets its hard negatives.
+    """
     torch.manual_seed(seed)
     model = open_clip.CLIP(**model_cfg)
     tokenizer = open_clip.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
@@ -116,7 +129,7 @@ def train(train_csv: Path, out: Path, model_cfg: dict, steps: int, batch_size: i
     log, start = [], time.perf_counter()
     model.train()
     for step in range(steps):
-        idx = torch.randint(len(images), (batch_size,), generator=generator)
+        idx = sample_batch(len(images), batch_size, group_size, generator)
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, steps, warmup, lr)
         image_features, text_features, logit_scale = model(normalize(images[idx]), tokens[idx])
@@ -147,9 +160,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--wd", type=float, default=0.1)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--group-size", type=int, default=1,
+                        help="batches are made of whole groups of this many consecutive CSV rows (hard negatives)")
     args = parser.parse_args(argv)
     model_cfg = json.loads(args.model_config.read_text()) if args.model_config else TINY_CLIP_CFG
-    train(args.train_csv, args.out, model_cfg, args.steps, args.batch_size, args.lr, args.wd, args.warmup, args.seed)
+    train(args.train_csv, args.out, model_cfg, args.steps, args.batch_size, args.lr, args.wd, args.warmup, args.seed,
+          args.group_size)
     print(f"saved CLIP to {args.out} (load with open_clip.create_model_and_transforms('local-dir:{args.out}'))")
 
 

@@ -209,3 +209,14 @@ def test_language_is_consistent_with_a_hand_made_scene():
         assert qa.facts["answer"] == ("yes" if present else "no")
     assert lang.ask_same_color(SCENE, rng).facts == {"answer": "no"}
     assert lang.detailed_description(SCENE).startswith("The image shows three objects")
+
+
+def test_clip_rows_come_in_groups_of_shape_variants(world):
+    clip = [s for s in read_jsonl(world / "scenes.jsonl") if s["image"].startswith("clip/")]
+    group = ShapesWorldConfig().clip_group_size
+    assert group > 1 and len(clip) % group == 0
+    for start in range(0, len(clip), group):
+        members = clip[start:start + group]
+        layouts = {tuple((o["row"], o["col"], o["color"], o["size"]) for o in s["objects"]) for s in members}
+        assert len(layouts) == 1  # same cells, colours and sizes ...
+        assert len({scene_key(s) for s in members}) == group  # ... but every member has other shapes

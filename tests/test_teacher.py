@@ -88,3 +88,14 @@ def test_from_pretrained_local_dir_and_precision(vit_clip, tmp_path):
     assert F.cosine_similarity(bf16(images), teacher(images), dim=-1).min() > 0.98
     with pytest.raises(ValueError, match="precision"):
         CLIPTeacher.from_pretrained("local-dir:x", precision="int3")
+
+
+def test_clip_batches_are_whole_groups():
+    from pretrain.train_clip import sample_batch
+
+    idx = sample_batch(400, 32, 4, torch.Generator().manual_seed(0))
+    assert idx.shape == (32,) and idx.max() < 400
+    groups = idx.view(8, 4)
+    assert (groups[:, 0] % 4 == 0).all() and (groups.diff(dim=1) == 1).all()
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        sample_batch(400, 30, 4, torch.Generator())

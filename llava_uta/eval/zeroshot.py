@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
@@ -28,6 +27,7 @@ from tqdm import tqdm
 
 from llava_uta.eval.clip_models import ZeroShotModel, load_zeroshot_model
 from llava_uta.eval.zeroshot_data import CaptionedImages, class_folder, clip_eval_transform, load_json_list
+from llava_uta.io_utils import write_json_atomic
 
 # ---- metrics
 
@@ -127,14 +127,6 @@ def zero_shot_retrieval(
 
 
 # ---- command line
-
-
-def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

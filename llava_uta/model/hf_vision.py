@@ -88,7 +88,7 @@ class UTAVisionModel(PreTrainedModel):
     def from_vit(cls, vit: UTAViT) -> UTAVisionModel:
         """Wrap trained UTAViT weights (a student or an official tower)."""
         model = cls(UTAVisionConfig.from_vit_config(vit.cfg))
-        model.vit.load_state_dict(vit.state_dict())
+        model.vit.load_state_dict({k: v for k, v in vit.state_dict().items() if k != "mask_token"})  # MIM-only
         return model
 
     def _init_weights(self, module: nn.Module) -> None:

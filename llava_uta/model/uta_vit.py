@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from timm.models.eva import Eva
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 
@@ -38,6 +38,7 @@ class UTAViTConfig:
     rope_ref_grid: int = 16  # RoPE positions are scaled onto this grid (official pt_seq_len)
     drop_path_rate: float = 0.0
     in_chans: int = 3
+    use_mask_token: bool = False  # a learned [MASK] embedding, for the masked-image-modelling baseline
 
     def __post_init__(self) -> None:
         if self.img_size % self.patch_size:
@@ -110,11 +111,15 @@ class UTAViT(Eva):
             dtype=dtype,
         )
         self.cfg = cfg
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.width, device=device, dtype=dtype)) \
+            if cfg.use_mask_token else None
+        if self.mask_token is not None:
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
         for blk in self.blocks:
             blk.attn.fused_attn = True  # always F.scaled_dot_product_attention, whatever TIMM_FUSED_ATTN says
 
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
+        return {"pos_embed", "cls_token"} | ({"mask_token"} if self.mask_token is not None else set())
 
     def rope_embed(self, keep_indices: Tensor | None = None) -> Tensor:
         """RoPE sin|cos rows: (N, 2*head_dim) for the full grid, (B, 1, K, 2*head_dim) at the kept patches."""
@@ -123,9 +128,18 @@ class UTAViT(Eva):
             return rope
         return rope[keep_indices].unsqueeze(1)  # the singleton broadcasts over heads
 
-    def embed(self, pixel_values: Tensor, keep_indices: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Patch-embed, prepend CLS, add the absolute position embedding, then keep CLS + the kept patches."""
+    def embed(
+        self, pixel_values: Tensor, keep_indices: Tensor | None = None, bool_masked_pos: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Patch-embed, prepend CLS, add the absolute position embedding, then keep CLS + the kept patches.
+
+        bool_masked_pos (B, N), for the MIM baseline: those patches are replaced by the [MASK] embedding.
+        """
         x = self.patch_embed(pixel_values)  # (B, N, D)
+        if bool_masked_pos is not None:
+            if self.mask_token is None:
+                raise ValueError("bool_masked_pos needs a model built with use_mask_token=True")
+            x = torch.where(bool_masked_pos.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         if keep_indices is None:
             return x, self.rope_embed()
@@ -135,10 +149,10 @@ class UTAViT(Eva):
         return torch.cat([x[:, :1], patches], dim=1), self.rope_embed(keep_indices)
 
     def forward_blocks(
-        self, pixel_values: Tensor, keep_indices: Tensor | None = None
+        self, pixel_values: Tensor, keep_indices: Tensor | None = None, bool_masked_pos: Tensor | None = None
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         """Last block's tokens (no final norm) and all hidden states, block-0 input first."""
-        x, rope = self.embed(pixel_values, keep_indices)
+        x, rope = self.embed(pixel_values, keep_indices, bool_masked_pos)
         hidden_states = [x]
         for blk in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
@@ -148,12 +162,15 @@ class UTAViT(Eva):
             hidden_states.append(x)
         return x, tuple(hidden_states)
 
-    def forward(self, pixel_values: Tensor, keep_indices: Tensor | None = None) -> UTAViTOutput:
+    def forward(
+        self, pixel_values: Tensor, keep_indices: Tensor | None = None, bool_masked_pos: Tensor | None = None
+    ) -> UTAViTOutput:
         """Per-token CLIP-space features of CLS + the kept patches (all patches if keep_indices is None).
 
         keep_indices: (B, K) indices into the row-major patch grid (0..N-1), the same K for every sample.
+        bool_masked_pos: (B, N) bool, MIM baseline only (see `embed`).
         """
-        x, hidden_states = self.forward_blocks(pixel_values, keep_indices)
+        x, hidden_states = self.forward_blocks(pixel_values, keep_indices, bool_masked_pos)
         return UTAViTOutput(features=self.head(self.norm(x)), hidden_states=hidden_states)
 
     def encode_image(self, pixel_values: Tensor, normalize: bool = False) -> Tensor:

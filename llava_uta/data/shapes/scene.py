@@ -100,6 +100,22 @@ def sample_scene(
     }
 
 
+def shape_variants(scene: dict, rng: random.Random, count: int) -> list[dict]:
+    """`count` scenes with the layout, colours and sizes of `scene` but different shapes (hard negatives).
+
+    The first is `scene` itself; each variant re-draws every shape (and the background), and no two
+    variants are the same scene, so their captions differ in shape words only.
+    """
+    variants, keys = [scene], {scene_key(scene)}
+    while len(variants) < count:
+        variant = {**scene, "background": [rng.randint(0, 70) for _ in range(3)], "noise_seed": rng.getrandbits(32),
+                   "objects": [{**o, "shape": rng.choice(SHAPES)} for o in scene["objects"]]}
+        if scene_key(variant) not in keys:
+            keys.add(scene_key(variant))
+            variants.append(variant)
+    return variants
+
+
 def scene_key(scene: dict) -> tuple:
     """What makes two scenes 'the same scene': the objects and their cells, not jitter or background."""
     return tuple(sorted((o["row"], o["col"], o["shape"], o["color"], o["size"]) for o in scene["objects"]))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from llava_uta.constants import DEFAULT_IMAGE_TOKEN
 from llava_uta.data.shapes import language as lang
-from llava_uta.data.shapes.scene import COLORS, SHAPES, largest_object, render, sample_scene, scene_key
+from llava_uta.data.shapes.scene import COLORS, SHAPES, largest_object, render, sample_scene, scene_key, shape_variants
 
 FORMAT_VERSION = 1
 BENCH_DIR = "eval/llava-bench-shapes"
@@ -27,6 +27,7 @@ class ShapesWorldConfig:
     seed: int = 0
     image_size: int = 64
     num_clip: int = 20000  # image-caption pairs for training the teacher CLIP
+    clip_group_size: int = 4  # consecutive CLIP rows differ only in shapes (hard negatives); 1 = independent
     num_pretrain: int = 20000  # unlabeled images for UTA pre-training (ImageFolder layout)
     num_zeroshot_per_class: int = 20  # single-object images per colour+shape class
     num_stage1: int = 10000  # LLaVA stage-1 caption samples (on the CLIP images)
@@ -38,7 +39,7 @@ class ShapesWorldConfig:
         if self.image_size < 32:
             raise ValueError(f"image_size must be at least 32 px, got {self.image_size}")
         for name in (
-            "num_clip",
+            "num_clip", "clip_group_size",
             "num_pretrain",
             "num_zeroshot_per_class",
             "num_bench_images",
@@ -69,6 +70,16 @@ def sample_unique_scenes(rng: random.Random, n: int, size: int, exclude: set, ex
         if scene_key(scene) not in exclude:
             scenes.append(scene)
     return scenes
+
+
+def sample_scene_groups(rng: random.Random, n: int, size: int, exclude: set, group_size: int) -> list:
+    """`n` scenes in consecutive groups of `group_size` shape variants, none of them in `exclude`."""
+    scenes = []
+    while len(scenes) < n:
+        group = [s for s in shape_variants(sample_scene(rng, size), rng, group_size) if scene_key(s) not in exclude]
+        if len(group) == group_size:
+            scenes += group
+    return scenes[:n]
 
 
 def _render_to(job: tuple[dict, str]) -> None:
@@ -196,7 +207,7 @@ def generate(cfg: ShapesWorldConfig, out: Path, workers: int = 2) -> dict[str, i
     bench_keys = {scene_key(s) for s in bench}
     for i, s in enumerate(bench):
         s["image"] = f"{BENCH_DIR}/images/{i:03d}.png"
-    clip = sample_unique_scenes(split_rng(cfg.seed, "clip"), cfg.num_clip, size, bench_keys)
+    clip = sample_scene_groups(split_rng(cfg.seed, "clip"), cfg.num_clip, size, bench_keys, cfg.clip_group_size)
     for i, s in enumerate(clip):
         s["image"] = f"clip/images/{i:06d}.png"
     pretrain = sample_unique_scenes(split_rng(cfg.seed, "pretrain"), cfg.num_pretrain, size, bench_keys)

@@ -1,0 +1,124 @@
+"""Pre-training data: images from an ImageFolder or tar shards, one augmented view and keep indices each.
+
+All randomness of a sample (its crop, its flip, its mask) is a function of (seed, epoch, index) alone,
+so a run gives the same batches whatever the number of workers or ranks, and a resumed run continues
+exactly where the interrupted one stopped.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+from torchvision import datasets, transforms
+
+from pretrain.masking import KeepIndexGenerator
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+class TarShardImages(Dataset):
+    """Images stored in webdataset-style tar shards, indexed once for random access (labels are ignored)."""
+
+    def __init__(self, shards: list[Path]):
+        if not shards:
+            raise ValueError("no tar shards given")
+        self.shards = [Path(s) for s in shards]
+        self.members: list[tuple[int, int, int]] = []  # (shard, offset of data, size)
+        for i, shard in enumerate(self.shards):
+            with tarfile.open(shard) as tar:
+                self.members += [(i, m.offset_data, m.size) for m in tar
+                                 if m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES)]
+        if not self.members:
+            raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in shards {self.shards[:3]}...")
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        shard, offset, size = self.members[index]
+        with open(self.shards[shard], "rb") as f:
+            f.seek(offset)
+            return Image.open(io.BytesIO(f.read(size))).convert("RGB"), 0
+
+
+def image_source(path: str | Path) -> Dataset:
+    """An ImageFolder root, a tar shard, a folder of tar shards, or a brace-free glob of shards."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".tar":
+        return TarShardImages([path])
+    if path.is_dir():
+        shards = sorted(path.glob("*.tar"))
+        return TarShardImages(shards) if shards else datasets.ImageFolder(str(path))
+    shards = sorted(path.parent.glob(path.name))
+    if shards:
+        return TarShardImages(shards)
+    raise FileNotFoundError(f"{path}: expected an ImageFolder root, a .tar shard or a folder/glob of shards")
+
+
+def train_transform(image_size: int, crop_scale: tuple[float, float] = (0.2, 1.0), flip: bool = True):
+    """RandomResizedCrop (+ horizontal flip), CLIP normalisation: the one view teacher and student share."""
+    steps = [transforms.RandomResizedCrop(image_size, scale=crop_scale,
+                                          interpolation=transforms.InterpolationMode.BICUBIC)]
+    if flip:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)]
+    return transforms.Compose(steps)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch) * 100_000_007 + index
+
+
+class MaskedViews(Dataset):
+    """(image tensor, keep indices) per sample, both drawn from a per-(epoch, index) seed."""
+
+    def __init__(self, source: Dataset, transform, masks: KeepIndexGenerator, seed: int = 0):
+        self.source, self.transform, self.masks, self.seed = source, transform, masks, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.source[index][0]
+        seed = sample_seed(self.seed, self.epoch, index)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            view = self.transform(image)
+        self.masks.seed(seed)
+        return view, self.masks()
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch, split across ranks by stride, that can start mid-epoch.
+
+    Rank r takes positions r, r+W, r+2W, ... so that W ranks with micro-batch b see, at every step, the same
+    global batch as one rank with batch W*b.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.num_samples, self.seed, self.rank, self.world_size = num_samples, seed, rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Iterate epoch `epoch`, skipping this rank's first `start` samples (to resume)."""
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.num_samples // self.world_size - self.start
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 10_007 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator)
+        usable = self.num_samples - self.num_samples % self.world_size
+        return iter(order[self.rank:usable:self.world_size][self.start:].tolist())

@@ -1,0 +1,361 @@
+"""The UTA pre-training engine: one loop for a plain CPU/GPU process and for DeepSpeed ranks.
+
+Each optimizer step draws `batch_size` images (split over ranks and gradient-accumulation micro-batches),
+runs the frozen teacher on the full view, runs the student as the objective prescribes, and aligns them.
+Checkpoints hold the student (safetensors) plus optimizer, scheduler, RNG state and the step, from which
+the data position follows, so `--resume` continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.distributed as dist
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from llava_uta.io_utils import write_json_atomic
+from llava_uta.model.checkpoint import load_state_dict_file, load_strict, save_uta_vit
+from llava_uta.model.uta_vit import UTAViT, build_uta_vit
+from pretrain.data import EpochSampler, MaskedViews, image_source, train_transform
+from pretrain.masking import MASKING_KINDS, KeepIndexGenerator
+from pretrain.objectives import OBJECTIVES, objective_loss
+from pretrain.teacher import CLIPTeacher, load_clip
+from pretrain.zeroshot import ZeroShotProbe
+
+
+@dataclass
+class PretrainArguments:
+    """Flags of `uta-pretrain`; defaults follow the paper card (ImageNet-21K, UTA-B)."""
+
+    data_path: str = field(metadata={"help": "ImageFolder root, a .tar shard, or a folder / glob of tar shards"})
+    output_dir: str = field(metadata={"help": "checkpoints, logs and the final student go here"})
+    teacher: str = field(default="EVA01-g-14-plus", metadata={"help": "open_clip model name or local-dir:PATH"})
+    teacher_pretrained: str | None = field(default=None, metadata={"help": "local teacher weights file"})
+    teacher_precision: str = field(default="fp32", metadata={"help": "fp32 | bf16 | fp16"})
+    model: str = field(default="uta_b14_224", metadata={"help": "student config name (UTA_VIT_CONFIGS)"})
+    image_size: int | None = field(default=None, metadata={"help": "override the student's image size"})
+    objective: str = field(default="uta", metadata={"help": f"one of {OBJECTIVES}"})
+    masking: str = field(default="reversed_block", metadata={"help": f"one of {MASKING_KINDS}"})
+    mask_ratio: float = field(default=0.4, metadata={"help": "0.4 for base, 0.5 for large (paper card)"})
+    cls_weight: float | None = field(default=None, metadata={"help": "CLS share of the loss; default: plain mean"})
+    epochs: float = 150.0
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 = from epochs"})
+    batch_size: int = field(default=4096, metadata={"help": "global batch (gradient accumulation fills it)"})
+    micro_batch_size: int = field(default=64, metadata={"help": "images per rank per forward"})
+    lr: float = 1.5e-3
+    min_lr: float = 1e-5
+    warmup_epochs: float = 1.0
+    warmup_steps: int = field(default=0, metadata={"help": "overrides warmup_epochs when > 0"})
+    weight_decay: float = 0.05
+    adam_beta2: float = 0.98
+    layer_decay: float | None = None
+    drop_path: float = 0.0
+    grad_clip: float = 3.0
+    grad_checkpointing: bool = False
+    bf16: bool = False
+    zero_stage: int = field(default=1, metadata={"help": "DeepSpeed ZeRO stage (1 or 2) when run by deepspeed"})
+    deepspeed: bool = field(default=False, metadata={"help": "use DeepSpeed even in a single process"})
+    crop_min_scale: float = 0.2
+    flip: bool = True
+    workers: int = 8
+    seed: int = 0
+    save_every: int = 1000
+    keep_last: int = 3
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir"})
+    log_every: int = 10
+    eval_every: int = field(default=0, metadata={"help": "zero-shot eval every N steps (0: only at the end)"})
+    eval_data: str | None = field(default=None, metadata={"help": "ImageFolder for zero-shot evaluation"})
+    eval_classnames: str | None = None
+    eval_templates: str | None = None
+    peak_tflops: float | None = field(default=None, metadata={"help": "hardware peak, to report the fraction"})
+    local_rank: int = -1
+
+
+def distributed_setup(args: PretrainArguments) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); starts the process group when a launcher set WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", max(args.local_rank, 0)))
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device)
+    if world > 1 or args.deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return rank, world, device
+
+
+class Pretrainer:
+    def __init__(self, args: PretrainArguments):
+        if args.objective not in OBJECTIVES:
+            raise ValueError(f"--objective must be one of {OBJECTIVES}, got {args.objective!r}")
+        self.args = args
+        self.rank, self.world, self.device = distributed_setup(args)
+        self.use_deepspeed = self.world > 1 or args.deepspeed
+        self.out = Path(args.output_dir)
+        torch.manual_seed(args.seed)
+
+        clip = load_clip(args.teacher, args.teacher_pretrained)
+        self.probe = None
+        if args.eval_data:  # class weights from the teacher's text tower, built once
+            self.probe = ZeroShotProbe.build(clip, open_clip.get_tokenizer(args.teacher), args.eval_data,
+                                             clip.visual.image_size[0], self.device, args.eval_classnames,
+                                             args.eval_templates, workers=min(args.workers, 2))
+            self.probe.teacher_accuracy = self.probe.evaluate(clip)
+        self.teacher = CLIPTeacher.from_clip(clip, args.teacher_precision).to(self.device)
+        del clip  # the text tower is no longer needed
+        overrides = {"img_size": args.image_size} if args.image_size else {}
+        student = build_uta_vit(args.model, drop_path_rate=args.drop_path, use_mask_token=args.objective == "mim",
+                                out_dim=self.teacher.embed_dim, **overrides)
+        self.grid = (student.cfg.grid_size, student.cfg.grid_size)
+        self.teacher.input_size_for(self.grid)  # refuse early when the token grids cannot correspond
+        if args.grad_checkpointing:
+            student.set_grad_checkpointing(True)
+        self.student: UTAViT = student.to(self.device)
+
+        masks = KeepIndexGenerator(self.grid, args.mask_ratio, args.masking)
+        views = train_transform(student.cfg.img_size, (args.crop_min_scale, 1.0), args.flip)
+        self.dataset = MaskedViews(image_source(args.data_path), views, masks, args.seed)
+        per_rank_batch = args.batch_size // self.world
+        if args.batch_size % (self.world * args.micro_batch_size):
+            raise ValueError(f"--batch_size {args.batch_size} must be a multiple of world size {self.world} "
+                             f"x --micro_batch_size {args.micro_batch_size}")
+        self.accum = per_rank_batch // args.micro_batch_size
+        self.sampler = EpochSampler(len(self.dataset), args.seed, self.rank, self.world)
+        self.steps_per_epoch = len(self.dataset) // self.world // args.micro_batch_size // self.accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{args.data_path}: {len(self.dataset)} images are fewer than one global batch")
+        self.total_steps = args.max_steps or math.ceil(args.epochs * self.steps_per_epoch)
+        warmup = args.warmup_steps or round(args.warmup_epochs * self.steps_per_epoch)
+
+        self.optimizer = create_optimizer_v2(self.student, opt="adamw", lr=args.lr, weight_decay=args.weight_decay,
+                                             betas=(0.9, args.adam_beta2), layer_decay=args.layer_decay)
+        self.scheduler = CosineLRScheduler(self.optimizer, t_initial=max(1, self.total_steps - warmup),
+                                           lr_min=args.min_lr, warmup_t=warmup, warmup_prefix=True,
+                                           t_in_epochs=False)
+        self.engine = self._deepspeed_engine() if self.use_deepspeed else None
+        self.step = 0
+
+    # ---- setup helpers
+
+    def _deepspeed_engine(self):
+        import deepspeed
+
+        args = self.args
+        config = {
+            "train_micro_batch_size_per_gpu": args.micro_batch_size,
+            "gradient_accumulation_steps": self.accum,
+            "gradient_clipping": args.grad_clip,
+            "zero_optimization": {"stage": args.zero_stage},
+            "bf16": {"enabled": args.bf16},
+            "steps_per_print": 10**9,
+            "zero_allow_untested_optimizer": True,
+        }
+        engine, *_ = deepspeed.initialize(model=self.student, optimizer=self.optimizer, config=config)
+        return engine
+
+    def loader(self, epoch: int, start: int) -> DataLoader:
+        self.dataset.set_epoch(epoch)
+        self.sampler.set_epoch(epoch, start)
+        # its own generator: creating a loader must not advance the global RNG (drop path), or resume drifts
+        generator = torch.Generator().manual_seed(self.args.seed + epoch)
+        return DataLoader(self.dataset, batch_size=self.args.micro_batch_size, sampler=self.sampler,
+                          num_workers=self.args.workers, drop_last=True, generator=generator,
+                          pin_memory=self.device.type == "cuda")
+
+    # ---- one optimizer step
+
+    def micro_step(self, images: torch.Tensor, keep: torch.Tensor) -> tuple[float, dict, float]:
+        """Forward + backward of one micro-batch; returns the loss, its stats and the teacher's seconds."""
+        images, keep = images.to(self.device, non_blocking=True), keep.to(self.device, non_blocking=True)
+        start = time.perf_counter()
+        targets = self.teacher(images, self.grid)
+        teacher_seconds = time.perf_counter() - start
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16)
+        model = self.unwrapped
+        if self.engine and self.args.bf16:  # DeepSpeed holds the student in bf16
+            images = images.to(torch.bfloat16)
+        with autocast:
+            loss, stats = objective_loss(self.args.objective, model, images, targets, keep, self.args.cls_weight)
+        if self.engine:
+            self.engine.backward(loss)
+            self.engine.step()
+        else:
+            (loss / self.accum).backward()
+        return loss.item(), stats, teacher_seconds
+
+    def optimizer_step(self) -> float:
+        """Clip, step and zero (the plain path; DeepSpeed does this inside engine.step). Returns the grad norm."""
+        if self.engine:
+            norm = self.engine.get_global_grad_norm()
+            return float(norm) if norm is not None else float("nan")
+        norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.args.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.item()
+
+    # ---- checkpoints
+
+    def checkpoint_dirs(self) -> list[Path]:
+        return sorted((self.out / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+
+    def save_checkpoint(self) -> Path:
+        """Write checkpoints/step_N through a temporary folder renamed into place; keep the newest K."""
+        final = self.out / "checkpoints" / f"step_{self.step:08d}"
+        tmp = final.with_name(f".{final.name}.partial")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self._barrier()
+        state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+        if self.engine:
+            self.engine.save_checkpoint(str(tmp), tag="deepspeed", client_state=state)
+        elif self.rank == 0:
+            torch.save({**state, "optimizer": self.optimizer.state_dict()}, tmp / "state.pt")
+        if self.rank == 0:
+            save_uta_vit(self.unwrapped, tmp / "student.safetensors")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in self.checkpoint_dirs()[: -self.args.keep_last]:
+                shutil.rmtree(old)
+        self._barrier()
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        if self.engine:
+            _, state = self.engine.load_checkpoint(str(path), tag="deepspeed")
+        else:
+            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+            load_strict(self.student, load_state_dict_file(path / "student.safetensors"), str(path))
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = state["step"]
+
+    @property
+    def unwrapped(self) -> UTAViT:
+        return self.engine.module if self.engine else self.student
+
+    def _global_mean(self, value: float) -> float:
+        """The mean of a per-rank value over all ranks (the loss of the whole global batch)."""
+        if self.world == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.item() / self.world
+
+    def _barrier(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+    # ---- the loop
+
+    def train(self) -> dict:
+        args = self.args
+        self.out.mkdir(parents=True, exist_ok=True)
+        if args.resume and self.checkpoint_dirs():
+            self.load_checkpoint(self.checkpoint_dirs()[-1])
+        logger = RunLogger(self.out, self.rank == 0, self.unwrapped, args.peak_tflops)
+        self.student.train()
+        progress = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0, desc=args.objective)
+        while self.step < self.total_steps:
+            epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
+            batches = iter(self.loader(epoch, step_in_epoch * self.accum * args.micro_batch_size))
+            for _ in range(step_in_epoch, self.steps_per_epoch):
+                self.scheduler.step_update(self.step)
+                start = time.perf_counter()
+                losses, stats, teacher_s, tokens = [], {}, 0.0, 0
+                for _ in range(self.accum):
+                    images, keep = next(batches)
+                    loss, stats, seconds = self.micro_step(images, keep)
+                    losses.append(loss)
+                    teacher_s += seconds
+                    tokens += images.shape[0] * (1 + (keep.shape[1] if args.objective == "uta" else self.grid[0] ** 2))
+                grad_norm = self.optimizer_step()
+                self.step += 1
+                progress.update()
+                loss = self._global_mean(sum(losses) / len(losses))
+                logger.log(self.step, loss, stats, self.optimizer.param_groups[0]["lr"], grad_norm, args.batch_size,
+                           tokens * self.world, time.perf_counter() - start, teacher_s, every=args.log_every)
+                if self.probe and args.eval_every and self.step % args.eval_every == 0:
+                    logger.log_eval(self.step, self.probe.evaluate(self.unwrapped))
+                    self.student.train()
+                if self.step % args.save_every == 0 or self.step == self.total_steps:
+                    self.save_checkpoint()
+                if self.step >= self.total_steps:
+                    break
+        progress.close()
+        summary = {"steps": self.step, "args": asdict(args), **logger.summary()}
+        if self.probe:
+            summary["zeroshot"] = self.probe.evaluate(self.unwrapped)
+            summary["teacher_zeroshot"] = self.probe.teacher_accuracy
+        if self.rank == 0:
+            save_uta_vit(self.unwrapped, self.out / "student.safetensors")
+            write_json_atomic(self.out / "summary.json", summary)
+        logger.close()
+        return summary
+
+
+class RunLogger:
+    """Per-step JSONL log and TensorBoard events on rank 0, with throughput and estimated TFLOP/s."""
+
+    def __init__(self, out: Path, active: bool, student: UTAViT, peak_tflops: float | None):
+        self.active, self.peak = active, peak_tflops
+        # matmul FLOPs per token, forward + backward: 6 x the parameters that touch every token
+        self.flops_per_token = 6 * sum(p.numel() for n, p in student.named_parameters()
+                                       if n not in ("pos_embed", "cls_token", "mask_token"))
+        self.records: list[dict] = []
+        if active:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.jsonl = open(out / "log.jsonl", "a")  # noqa: SIM115 (closed in close())
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    def log(self, step: int, loss: float, stats: dict, lr: float, grad_norm: float, images: int, tokens: int,
+            seconds: float, teacher_seconds: float, every: int) -> None:
+        tflops = self.flops_per_token * tokens / seconds / 1e12
+        record = {"step": step, "loss": loss, **stats, "lr": lr, "grad_norm": grad_norm,
+                  "images_per_s": images / seconds, "tokens_per_s": tokens / seconds, "student_tflops": tflops,
+                  "teacher_share": teacher_seconds / seconds, "seconds": seconds}
+        if self.peak:
+            record["peak_fraction"] = tflops / self.peak
+        self.records.append(record)
+        if self.active and (step % every == 0 or step == 1):
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+            for key, value in record.items():
+                if key != "step":
+                    self.tb.add_scalar(f"train/{key}", value, step)
+
+    def log_eval(self, step: int, result: dict) -> None:
+        if self.active:
+            self.jsonl.write(json.dumps({"step": step, "eval": result}) + "\n")
+            self.jsonl.flush()
+            self.tb.add_scalar("eval/top1", result["top1"], step)
+
+    def summary(self) -> dict:
+        if not self.records:
+            return {}
+        tail = self.records[len(self.records) // 2:] or self.records  # steady state: the second half
+        return {"final_loss": self.records[-1]["loss"],
+                "images_per_s": sum(r["images_per_s"] for r in tail) / len(tail),
+                "student_tflops": sum(r["student_tflops"] for r in tail) / len(tail),
+                "teacher_share": sum(r["teacher_share"] for r in tail) / len(tail),
+                "train_seconds": sum(r["seconds"] for r in self.records)}
+
+    def close(self) -> None:
+        if self.active:
+            self.jsonl.close()
+            self.tb.close()

@@ -1,0 +1,31 @@
+"""`uta-pretrain`: UTA pre-training from the command line, as one process or under `deepspeed`.
+
+    uta-pretrain --data_path /data/imagenet21k/train --output_dir runs/uta_b14 \\
+        --teacher EVA01-g-14-plus --teacher_pretrained /ckpt/eva01_g14_plus.bin --model uta_b14_224
+    deepspeed --hostfile hostfile -m pretrain.train --data_path ... --bf16 --zero_stage 1   # multi-node
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch.distributed as dist
+from transformers import HfArgumentParser
+
+from pretrain.engine import PretrainArguments, Pretrainer
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = HfArgumentParser(PretrainArguments).parse_args_into_dataclasses(args=argv)
+    trainer = Pretrainer(args)
+    summary = trainer.train()
+    if trainer.rank == 0:
+        shown = {k: v for k, v in summary.items() if k != "args"}
+        print(json.dumps(shown, indent=2))
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""The UTA pre-training engine: objectives, what a step touches, exact resume, DeepSpeed ranks."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+from llava_uta.data.shapes import ShapesWorldConfig, build
+from llava_uta.model.checkpoint import load_state_dict_file
+from llava_uta.model.uta_vit import build_uta_vit
+from pretrain.engine import PretrainArguments, Pretrainer
+from pretrain.objectives import cosine_alignment, gather_patches, masked_indices, objective_loss
+from pretrain.train_clip import save_local_dir
+
+TEACHER_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pretrain") / "shapes"
+    build(ShapesWorldConfig(image_size=32, num_clip=8, num_pretrain=64, num_zeroshot_per_class=1, num_stage1=4,
+                            num_stage2=4, num_bench_images=2, clip_group_size=2), out, workers=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("teacher") / "clip"
+    save_local_dir(open_clip.CLIP(**TEACHER_CFG), TEACHER_CFG, out)
+    return out
+
+
+def engine_args(world: Path, teacher: Path, out: Path, **overrides) -> PretrainArguments:
+    args = dict(data_path=str(world / "pretrain/train"), output_dir=str(out), teacher=f"local-dir:{teacher}",
+                model="uta_test_p8_32", mask_ratio=0.5, max_steps=4, batch_size=16, micro_batch_size=8, lr=1e-3,
+                warmup_steps=1, workers=0, save_every=100, log_every=1, drop_path=0.1, crop_min_scale=0.5)
+    args.update(overrides)
+    return PretrainArguments(**args)
+
+
+def cli_flags(args: PretrainArguments) -> list[str]:
+    flags = []
+    for key in ("data_path", "output_dir", "teacher", "model", "mask_ratio", "max_steps", "batch_size",
+                "micro_batch_size", "lr", "warmup_steps", "workers", "save_every", "log_every", "drop_path",
+                "crop_min_scale"):
+        flags += [f"--{key}", str(getattr(args, key))]
+    return flags
+
+
+def test_alignment_is_minus_one_when_the_student_reproduces_the_teacher():
+    torch.manual_seed(0)
+    student = build_uta_vit("uta_test_p8_32").eval()
+    images = torch.randn(2, 3, 32, 32)
+    keep = torch.tensor([[0, 3, 5, 6, 9, 10, 12, 15], [1, 2, 4, 7, 8, 11, 13, 14]])
+    with torch.no_grad():
+        pred = student(images, keep_indices=keep).features
+        targets = torch.randn(2, 17, 32)  # the teacher agrees with the student exactly where the student looks
+        targets[:, 0] = pred[:, 0]
+        targets[:, 1:].scatter_(1, keep.unsqueeze(-1).expand(-1, -1, 32), pred[:, 1:])
+        loss, stats = objective_loss("uta", student, images, targets, keep)
+    assert loss.item() == pytest.approx(-1.0, abs=1e-5)
+    assert stats["cos_cls"] == pytest.approx(1.0, abs=1e-5) and stats["cos_patch"] == pytest.approx(1.0, abs=1e-5)
+    assert torch.equal(gather_patches(targets, keep), pred[:, 1:])
+    masked_idx, masked = masked_indices(keep, 16)
+    assert masked_idx.shape == (2, 8) and not (masked.gather(1, keep)).any() and masked.gather(1, masked_idx).all()
+
+
+def test_cls_weight_and_objectives():
+    cls_p, cls_t = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])  # cos 0
+    patch = torch.ones(1, 3, 2)  # cos 1
+    plain, _ = cosine_alignment(cls_p, cls_t, patch, patch, None)
+    assert plain.item() == pytest.approx(-3 / 4)  # one mean over CLS + 3 patches
+    weighted, _ = cosine_alignment(cls_p, cls_t, patch, patch, 0.5)
+    assert weighted.item() == pytest.approx(-0.5)
+    torch.manual_seed(0)
+    student = build_uta_vit("uta_test_p8_32", use_mask_token=True)
+    images, targets = torch.randn(2, 3, 32, 32), torch.randn(2, 17, 32)
+    keep = torch.arange(8).repeat(2, 1)
+    for objective in ("uta", "mim", "fd", "cls"):
+        loss, stats = objective_loss(objective, student, images, targets, keep)
+        loss.backward()
+        assert -1 <= loss.item() <= 1
+        assert student.patch_embed.proj.weight.grad is not None
+        assert (student.mask_token.grad is not None) == (objective == "mim")
+        student.zero_grad(set_to_none=True)
+    assert set(objective_loss("fd", student, images, targets, keep)[1]) == {"cos_cls", "cos_patch"}
+
+
+def test_a_step_trains_the_student_only(world, teacher_dir, tmp_path):
+    trainer = Pretrainer(engine_args(world, teacher_dir, tmp_path / "run", max_steps=2))
+    teacher_before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    student_before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    summary = trainer.train()
+    assert summary["steps"] == 2
+    assert all(torch.equal(v, trainer.teacher.state_dict()[k]) for k, v in teacher_before.items())
+    changed = [k for k, v in student_before.items() if not torch.equal(v, trainer.student.state_dict()[k])]
+    assert "head.weight" in changed and "patch_embed.proj.weight" in changed
+    saved = load_state_dict_file(tmp_path / "run/student.safetensors")
+    assert torch.equal(saved["head.weight"], trainer.student.state_dict()["head.weight"])
+    log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and {"loss", "cos_cls", "cos_patch", "lr", "grad_norm"} <= set(log[0])
+    assert list((tmp_path / "run/tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights(world, teacher_dir, tmp_path):
+    straight = engine_args(world, teacher_dir, tmp_path / "straight", max_steps=30, save_every=3)
+    Pretrainer(straight).train()
+
+    resumed = engine_args(world, teacher_dir, tmp_path / "resumed", max_steps=30, save_every=3)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain.train", *cli_flags(resumed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "resumed/checkpoints/step_00000003"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.is_dir() and not (tmp_path / "resumed/student.safetensors").exists()  # killed mid-run
+    resumed.resume = True
+    trainer = Pretrainer(resumed)
+    trainer.train()
+    expected = load_state_dict_file(tmp_path / "straight/student.safetensors")
+    got = load_state_dict_file(tmp_path / "resumed/student.safetensors")
+    for key, value in expected.items():
+        assert torch.allclose(value, got[key], atol=1e-6), key
+
+
+def test_bad_arguments_are_named(world, teacher_dir, tmp_path):
+    with pytest.raises(ValueError, match="--objective"):
+        Pretrainer(engine_args(world, teacher_dir, tmp_path, objective="mae"))
+    with pytest.raises(ValueError, match="multiple of"):
+        Pretrainer(engine_args(world, teacher_dir, tmp_path, batch_size=12))
+    with pytest.raises(ValueError, match="teacher token grid 4x4"):
+        Pretrainer(engine_args(world, teacher_dir, tmp_path, image_size=48))
+    with pytest.raises(FileNotFoundError, match="ImageFolder"):
+        Pretrainer(engine_args(world, teacher_dir, tmp_path, data_path=str(tmp_path / "nothing*.tar")))
+
+
+def test_two_deepspeed_ranks_follow_one_process(world, teacher_dir, tmp_path):
+    """2 CPU ranks (ZeRO-2) with micro-batch 8 see the same global batches as 1 process with accumulation."""
+    single = engine_args(world, teacher_dir, tmp_path / "single", drop_path=0.0)
+    Pretrainer(single).train()
+    ranks = engine_args(world, teacher_dir, tmp_path / "ranks", drop_path=0.0)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    subprocess.run([launcher, "--num_gpus", "2", "--master_port", "29531", "--module", "pretrain.train",
+                    *cli_flags(ranks), "--zero_stage", "2"], env=env, cwd=REPO, check=True, timeout=600,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+              for run in ("single", "ranks")]
+    assert len(losses[0]) == len(losses[1]) == 4
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+    assert losses[0][-1] < losses[0][0]
