@@ -150,6 +150,7 @@ def test_bad_arguments_are_named(world, teacher_dir, tmp_path):
         Pretrainer(engine_args(world, teacher_dir, tmp_path, data_path=str(tmp_path / "nothing*.tar")))
 
 
+@pytest.mark.deepspeed
 def test_two_deepspeed_ranks_follow_one_process(world, teacher_dir, tmp_path):
     """2 CPU ranks (ZeRO-2) with micro-batch 8 see the same global batches as 1 process with accumulation."""
     single = engine_args(world, teacher_dir, tmp_path / "single", drop_path=0.0)

@@ -44,10 +44,10 @@ class OpenCLIPText(nn.Module):
 
 
 def load_openclip(spec: str, weights: str | os.PathLike | None) -> ZeroShotModel:
-    """openclip:NAME with weights from a local file (open_clip loads it with weights_only=True)."""
+    """openclip:NAME (weights from a local file, loaded with weights_only=True) or openclip:local-dir:PATH."""
     name = spec.removeprefix("openclip:")
-    if name not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip model {name!r} (see open_clip.list_models())")
+    if not name.startswith("local-dir:") and name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {name!r} (see open_clip.list_models(), or use local-dir:PATH)")
     model = open_clip.create_model(name, pretrained=str(weights) if weights else None, require_pretrained=bool(weights))
     cfg = open_clip.get_model_preprocess_cfg(model)
     size = cfg.get("size", 224)

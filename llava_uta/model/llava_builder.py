@@ -1,0 +1,136 @@
+"""Assemble transformers' LlavaForConditionalGeneration from a vision tower and a causal LM.
+
+    tokenizer = AutoTokenizer.from_pretrained("vicuna-7b")
+    model = build_llava("vicuna-7b", "towers/uta-l14-336", tokenizer, projector_type="mlp2x_gelu")
+
+The vision tower is a folder from `llava-uta-convert` (or a transformers CLIP folder), a loaded model, or a
+config (random weights, for tests); the LM is any transformers causal-LM folder, model or config. LLaVA's flags map
+onto LlavaConfig: `mm_vision_select_layer` -> `vision_feature_layer`, `mm_vision_select_feature`
+`patch` / `cls_patch` -> `vision_feature_select_strategy` `default` / `full`. `<image>` is added to the tokenizer as
+a special token; new embedding rows are set to the mean of the old ones, so the build is deterministic (a LoRA
+merge rebuilds the same base).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from tokenizers import AddedToken
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    CLIPVisionModel,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+from llava_uta.constants import DEFAULT_IMAGE_TOKEN
+from llava_uta.model.projector import PROJECTOR_ACTIVATIONS, check_projector_type, gathered, init_linear_projector
+
+SELECT_FEATURES = {"patch": "default", "cls_patch": "full"}
+
+ModelSource = str | os.PathLike | PretrainedConfig | PreTrainedModel
+
+
+def add_image_token(tokenizer) -> int:
+    """Make `<image>` one special token (and give the tokenizer a pad token); returns the image token id."""
+    tokenizer.add_tokens([AddedToken(DEFAULT_IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    if tokenizer.pad_token is None:
+        if tokenizer.unk_token is not None:
+            tokenizer.pad_token = tokenizer.unk_token  # what LLaVA does for v1 / llama-2
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    return tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN)
+
+
+def resize_embeddings(model: PreTrainedModel, num_tokens: int) -> None:
+    """Grow the input/output embeddings to `num_tokens`; new rows = mean of the old rows (deterministic)."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if num_tokens <= old:
+        return
+    model.resize_token_embeddings(num_tokens, mean_resizing=False)
+    layers = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m}
+    with gathered(layers.values(), modify=True), torch.no_grad():
+        for weight in layers.values():
+            weight[old:] = weight[:old].mean(0, keepdim=True)
+
+
+def load_vision_tower(source: ModelSource) -> PreTrainedModel:
+    if isinstance(source, PreTrainedModel):
+        return source
+    if isinstance(source, PretrainedConfig):
+        return AutoModel.from_config(source)
+    if AutoConfig.from_pretrained(source).model_type == "clip":  # a full CLIP folder: keep its vision half
+        return CLIPVisionModel.from_pretrained(source)
+    return AutoModel.from_pretrained(source)
+
+
+def load_language_model(source: ModelSource, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    if isinstance(source, PreTrainedModel):
+        return source
+    if isinstance(source, PretrainedConfig):
+        return AutoModelForCausalLM.from_config(source, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+
+
+def _path_or_none(source: ModelSource) -> str | None:
+    return str(source) if isinstance(source, str | os.PathLike) else None
+
+
+def num_image_tokens(vision_config: PretrainedConfig, select_strategy: str) -> int:
+    """Tokens per image after feature selection: the patch grid, plus the CLS token for `full`."""
+    grid = vision_config.image_size // vision_config.patch_size
+    return grid * grid + (select_strategy == "full")
+
+
+def build_llava(
+    language_model: ModelSource,
+    vision_tower: ModelSource,
+    tokenizer,
+    projector_type: str = "mlp2x_gelu",
+    select_layer: int = -2,
+    select_feature: str = "patch",
+    dtype: torch.dtype | None = None,
+) -> LlavaForConditionalGeneration:
+    """A Llava model around the given LM and tower, with a freshly initialised projector."""
+    check_projector_type(projector_type)
+    if select_feature not in SELECT_FEATURES:
+        raise ValueError(f"mm_vision_select_feature must be one of {sorted(SELECT_FEATURES)}, got {select_feature!r}")
+    lm = load_language_model(language_model, dtype)
+    tower = load_vision_tower(vision_tower).requires_grad_(False).to(lm.dtype)
+    image_token_id = add_image_token(tokenizer)
+    resize_embeddings(lm, len(tokenizer))
+    strategy = SELECT_FEATURES[select_feature]
+    config = LlavaConfig(
+        vision_config=tower.config,
+        text_config=lm.config,
+        image_token_id=image_token_id,
+        image_seq_length=num_image_tokens(tower.config, strategy),
+        projector_hidden_act=PROJECTOR_ACTIVATIONS[projector_type],
+        vision_feature_layer=select_layer,
+        vision_feature_select_strategy=strategy,
+        tie_word_embeddings=lm.config.tie_word_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        mm_projector_type=projector_type,
+        mm_vision_tower=_path_or_none(vision_tower),  # where a LoRA merge finds the base parts again
+        mm_language_model=_path_or_none(language_model),
+    )
+    with torch.device("meta"):  # an empty shell: the LM and the tower move in below, no weights are allocated
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = tower
+    model.model.language_model = getattr(lm, lm.base_model_prefix)
+    model.lm_head = lm.get_output_embeddings()
+    projector = LlavaMultiModalProjector(config)
+    model.model.multi_modal_projector = projector.to(lm.dtype)
+    if projector_type == "linear":
+        init_linear_projector(projector)
+    model.generation_config = lm.generation_config
+    meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise RuntimeError(f"parameters left uninitialised while assembling Llava: {meta[:5]}")
+    return model

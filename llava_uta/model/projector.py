@@ -1,0 +1,115 @@
+"""LLaVA's projector types on transformers' LlavaMultiModalProjector, and LLaVA's `mm_projector.bin` format.
+
+transformers' projector is always linear_1 -> act -> linear_2 (`projector_hidden_act`, bias from
+`multimodal_projector_bias`). `mlp2x_gelu` (LLaVA-1.5) is exactly that with exact GELU: LLaVA's
+`mm_projector.0` / `.2` are `linear_1` / `linear_2`. `linear` (original LLaVA) is expressed with
+`projector_hidden_act="linear"` (identity) and `linear_2` fixed to the identity matrix with zero bias and never
+trained, so a saved model needs no custom code to load. On export the two layers are folded into one
+(W2 @ W1, W2 @ b1 + b2), which is exact even if linear_2 was changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.integrations import is_deepspeed_zero3_enabled
+
+PROJECTOR_ACTIVATIONS = {"linear": "linear", "mlp2x_gelu": "gelu"}
+LLAVA_PREFIX = "model.mm_projector."
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable[nn.Parameter], modify: bool = False) -> Iterator[None]:
+    """Full parameters inside the block under DeepSpeed ZeRO-3 (rank 0's changes kept if `modify`); else a no-op."""
+    params = list(params)
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
+        yield
+
+
+def check_projector_type(projector_type: str) -> str:
+    if projector_type not in PROJECTOR_ACTIVATIONS:
+        raise ValueError(f"mm_projector_type must be one of {sorted(PROJECTOR_ACTIVATIONS)}, got {projector_type!r}")
+    return projector_type
+
+
+def init_linear_projector(projector: nn.Module) -> None:
+    """Fix linear_2 to the identity so that linear_1 alone is the `linear` projector."""
+    with gathered(projector.linear_2.parameters(), modify=True), torch.no_grad():
+        nn.init.eye_(projector.linear_2.weight)
+        if projector.linear_2.bias is not None:
+            projector.linear_2.bias.zero_()
+
+
+def trainable_projector_parameters(projector: nn.Module, projector_type: str) -> list[nn.Parameter]:
+    """The projector weights a training run updates (linear_2 stays the identity for `linear`)."""
+    layers = [projector.linear_1] if projector_type == "linear" else [projector.linear_1, projector.linear_2]
+    return [p for layer in layers for p in layer.parameters()]
+
+
+def projector_to_llava(projector: nn.Module, projector_type: str) -> dict[str, torch.Tensor]:
+    """The projector under LLaVA's key names (e.g. model.mm_projector.0.weight), on the CPU in float32."""
+    with gathered(projector.parameters()):
+        params = {k: v.detach().float().cpu().clone() for k, v in projector.state_dict().items()}
+    if projector_type == "mlp2x_gelu":
+        return {LLAVA_PREFIX + k.replace("linear_1.", "0.").replace("linear_2.", "2."): v for k, v in params.items()}
+    w1, w2 = params["linear_1.weight"], params["linear_2.weight"]
+    state = {LLAVA_PREFIX + "weight": w2 @ w1}
+    if "linear_1.bias" in params:
+        state[LLAVA_PREFIX + "bias"] = w2 @ params["linear_1.bias"] + params["linear_2.bias"]
+    return state
+
+
+def load_llava_projector(projector: nn.Module, state: dict[str, torch.Tensor], projector_type: str) -> None:
+    """Load LLaVA `mm_projector` weights (keys may carry any prefix before `mm_projector.`) into the projector."""
+    weights = {k.split("mm_projector.", 1)[1]: v for k, v in state.items() if "mm_projector." in k}
+    if projector_type == "mlp2x_gelu":
+        layer = {"0": "linear_1", "2": "linear_2"}
+        ours = {layer.get(k.split(".")[0], "?") + k[k.index(".") :]: v for k, v in weights.items() if "." in k}
+    else:
+        ours = {"linear_1." + k: v for k, v in weights.items()}
+    expected = {k for k in projector.state_dict() if projector_type == "mlp2x_gelu" or k.startswith("linear_1.")}
+    if set(ours) != expected:
+        found = sorted(weights) or sorted(state)[:8]
+        raise ValueError(f"not a {projector_type} mm_projector: found keys {found}, expected {sorted(expected)}")
+    with gathered(projector.parameters(), modify=True), torch.no_grad():
+        targets = projector.state_dict()
+        for key, value in ours.items():
+            if targets[key].shape != value.shape:
+                raise ValueError(f"mm_projector {key}: shape {tuple(value.shape)} != model {tuple(targets[key].shape)}")
+            targets[key].copy_(value)
+    if projector_type == "linear":
+        init_linear_projector(projector)
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A .safetensors file, or a torch .bin of plain tensors (loaded with weights_only=True)."""
+    if str(path).endswith(".safetensors"):
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def write_weights(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Write atomically (temporary file, then rename) as safetensors or torch .bin, by file extension."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    os.close(fd)
+    try:
+        state = {k: v.contiguous() for k, v in state.items()}
+        save_file(state, tmp) if path.suffix == ".safetensors" else torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,54 @@
+"""LLaVA's training flags (llava.md §2.1) as dataclasses for HfArgumentParser, plus `--skip_bad_samples`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "causal LM folder (e.g. Vicuna-7B), or a Llava folder"})
+    version: str = field(default="v1", metadata={"help": "conversation template: plain, v1, llava_llama_2, ..."})
+    vision_tower: str | None = field(default=None, metadata={"help": "tower folder from llava-uta-convert"})
+    mm_projector_type: str = field(default="linear", metadata={"help": "linear or mlp2x_gelu"})
+    mm_vision_select_layer: int = field(default=-2, metadata={"help": "tower hidden state fed to the projector"})
+    mm_vision_select_feature: str = field(default="patch", metadata={"help": "patch (drop CLS) or cls_patch"})
+    pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "stage-1 mm_projector.bin"})
+    tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "stage 1: train the projector only"})
+    freeze_backbone: bool = field(default=False, metadata={"help": "freeze the LLM"})
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(metadata={"help": "LLaVA conversation JSON"})
+    image_folder: str | None = field(default=None, metadata={"help": "root the samples' image paths are under"})
+    image_aspect_ratio: str = field(default="square", metadata={"help": "square or pad"})
+    lazy_preprocess: bool = field(default=True, metadata={"help": "accepted for LLaVA scripts; always lazy"})
+    is_multimodal: bool = field(
+        default=True, metadata={"help": "accepted for LLaVA scripts; samples with an image are"}
+    )
+    skip_bad_samples: bool = field(default=False, metadata={"help": "skip and log unusable samples, not fail"})
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    model_max_length: int = field(default=512, metadata={"help": "tokens per sample, image tokens included"})
+    group_by_modality_length: bool = field(default=False, metadata={"help": "batches of one modality, by length"})
+    mm_projector_lr: float | None = field(default=None, metadata={"help": "learning rate of the projector"})
+    lora_enable: bool = False
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_bias: str = "none"
+    bits: int = field(default=16, metadata={"help": "only 16 (no quantized training)"})
+    remove_unused_columns: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits != 16:
+            raise ValueError(f"--bits {self.bits}: only 16-bit training is supported")
+        if not torch.cuda.is_available():
+            self.use_cpu = True  # else DeepSpeed ranks on a CPU machine each train alone (env.md §2)
+        super().__post_init__()

@@ -1,0 +1,163 @@
+"""A tiny sentencepiece tokenizer and LlamaForCausalLM pre-trained on a text corpus: the embedded-default LLM.
+
+    llava-uta-tiny-lm --corpus playground/data/shapes/text/corpus.txt \\
+        --chat_json playground/data/shapes/llava/instruct.json --out checkpoints/tiny-lm
+
+The tokenizer is a byte-fallback BPE with `<image>` as a user-defined symbol (always one token) and `<pad>`,
+`<unk>`, `<s>`, `</s>` at ids 0-3; it is saved as a folder that `AutoTokenizer.from_pretrained` loads (checked
+against sentencepiece itself, env.md §6). The LM is then trained briefly (minutes on a CPU) on the corpus, plus
+the text of LLaVA conversations rendered with a chat template if `--chat_json` is given, so that it is not random.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from llava_uta.constants import DEFAULT_IMAGE_TOKEN
+from llava_uta.conversation import get_template
+from llava_uta.data.preprocess import build_conversation
+from llava_uta.model.llava_builder import add_image_token
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
+
+
+def chat_texts(chat_json: str | Path, version: str) -> list[str]:
+    """LLaVA conversations rendered with the template, image tokens removed (the LM never sees pixels)."""
+    texts = []
+    for sample in json.loads(Path(chat_json).read_text()):
+        conv = build_conversation(sample["conversations"], get_template(version), has_image="image" in sample)
+        texts.append(conv.get_prompt().replace(DEFAULT_IMAGE_TOKEN + "\n", "").replace(DEFAULT_IMAGE_TOKEN, ""))
+    return texts
+
+
+def train_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 1000):
+    """Train the sentencepiece model, save it as a transformers tokenizer folder, and return the loaded tokenizer."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_prefix=str(out_dir / "tokenizer"),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        user_defined_symbols=[DEFAULT_IMAGE_TOKEN],
+        byte_fallback=True,
+        normalization_rule_name="identity",  # keep newlines and spaces as written (as Llama's tokenizer does)
+        remove_extra_whitespaces=False,
+        minloglevel=2,
+    )
+    (out_dir / "tokenizer.vocab").unlink()
+    tokenizer = AutoTokenizer.from_pretrained(out_dir, add_bos_token=True, add_eos_token=False, **SPECIAL_TOKENS)
+    specials = [*SPECIAL_TOKENS.values(), DEFAULT_IMAGE_TOKEN]  # sentencepiece reads these as text
+    check_tokenizer(
+        tokenizer, str(out_dir / "tokenizer.model"), [t for t in texts[:400] if not any(map(t.__contains__, specials))]
+    )
+    add_image_token(tokenizer)
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def check_tokenizer(tokenizer, spm_file: str, texts: list[str]) -> None:
+    """The transformers tokenizer must split plain text exactly as sentencepiece does."""
+    reference = spm.SentencePieceProcessor(model_file=spm_file)
+    for text in [*texts, "What is it?\n  Two  spaces."]:
+        if tokenizer(text, add_special_tokens=False)["input_ids"] != reference.encode(text):
+            raise RuntimeError(f"transformers and sentencepiece tokenize {text!r} differently")
+
+
+def token_stream(texts: list[str], tokenizer) -> torch.Tensor:
+    """Every text as <s> text </s>, concatenated."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return torch.tensor([t for seq in ids for t in (tokenizer.bos_token_id, *seq, tokenizer.eos_token_id)])
+
+
+def tiny_llama_config(tokenizer, hidden_size: int = 128, num_layers: int = 4, max_len: int = 2048) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 3,
+        num_hidden_layers=num_layers,
+        num_attention_heads=max(hidden_size // 32, 1),
+        num_key_value_heads=max(hidden_size // 32, 1),
+        max_position_embeddings=max_len,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def pretrain_lm(
+    model: LlamaForCausalLM,
+    stream: torch.Tensor,
+    steps: int = 300,
+    batch_size: int = 32,
+    seq_len: int = 128,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> list[float]:
+    """AdamW with warm-up and cosine decay on random windows of the token stream; returns the per-step losses."""
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+    warmup = max(steps // 20, 1)
+    schedule = lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        starts = torch.randint(0, len(stream) - seq_len, (batch_size,), generator=gen)
+        batch = torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", required=True, help="text file, one passage per line")
+    parser.add_argument("--chat_json", help="LLaVA conversation JSON to add, rendered with --version")
+    parser.add_argument("--version", default="v1", help="chat template for --chat_json")
+    parser.add_argument("--out", required=True, help="folder for the tokenizer and the model")
+    parser.add_argument("--vocab_size", type=int, default=1000)
+    parser.add_argument("--hidden_size", type=int, default=128)
+    parser.add_argument("--num_layers", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--seq_len", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    texts = [line for line in Path(args.corpus).read_text().splitlines() if line.strip()]
+    if args.chat_json:
+        texts += chat_texts(args.chat_json, args.version)
+    random.Random(args.seed).shuffle(texts)
+    tokenizer = train_tokenizer(texts, args.out, args.vocab_size)
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(tiny_llama_config(tokenizer, args.hidden_size, args.num_layers))
+    start = time.time()
+    losses = pretrain_lm(model, token_stream(texts, tokenizer), args.steps, args.batch_size, args.seq_len, args.lr)
+    model.save_pretrained(args.out)
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    print(f"tiny LM: {model.num_parameters():,} params, loss {first:.3f} -> {last:.3f} in {time.time() - start:.0f} s")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

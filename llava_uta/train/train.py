@@ -1,0 +1,190 @@
+"""Train LLaVA with the UTA vision tower: stage 1 (projector), stage 2 (projector + LLM), or stage 2 with LoRA.
+
+    deepspeed -m llava_uta.train --deepspeed scripts/zero2.json --model_name_or_path vicuna-7b \\
+        --vision_tower towers/uta-l14-336 --version plain --tune_mm_mlp_adapter True ...   # stage 1
+    ... --version v1 --pretrain_mm_mlp_adapter stage1/mm_projector.bin ...                    # stage 2
+
+Stage 1 writes `mm_projector.bin` (LLaVA's key names) and `mm_projector.safetensors`; stage 2 a
+`save_pretrained` folder (model, tokenizer, image processor) that `LlavaForConditionalGeneration.from_pretrained`
+loads after `import llava_uta`; LoRA the adapter plus `non_lora_trainables.safetensors` (merge with
+`llava-uta-merge-lora`). Training resumes from the newest `checkpoint-N` in the output folder.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoProcessor,
+    AutoTokenizer,
+    HfArgumentParser,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    set_seed,
+)
+
+from llava_uta.data.llava_dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset, make_image_processor
+from llava_uta.model.llava_builder import build_llava
+from llava_uta.model.projector import (
+    load_llava_projector,
+    projector_to_llava,
+    read_weights,
+    trainable_projector_parameters,
+    write_weights,
+)
+from llava_uta.train.args import DataArguments, ModelArguments, TrainingArguments
+from llava_uta.train.trainer import NON_LORA_FILE, LLaVATrainer, base_llava, projector_state
+
+logger = logging.getLogger(__name__)
+
+
+def load_model(model_args: ModelArguments, training_args: TrainingArguments):
+    """(model, tokenizer, tower image processor): a Llava folder as is, or an LM + tower assembled by build_llava."""
+    dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else None
+    path = model_args.model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, model_max_length=training_args.model_max_length, padding_side="right"
+    )
+    if AutoConfig.from_pretrained(path).model_type == "llava":
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        model.model.vision_tower.requires_grad_(False)
+        return model, tokenizer, AutoProcessor.from_pretrained(path).image_processor
+    if model_args.vision_tower is None:
+        raise ValueError("--vision_tower is required unless --model_name_or_path is a Llava folder")
+    model = build_llava(
+        path,
+        model_args.vision_tower,
+        tokenizer,
+        model_args.mm_projector_type,
+        model_args.mm_vision_select_layer,
+        model_args.mm_vision_select_feature,
+        dtype,
+    )
+    return model, tokenizer, AutoImageProcessor.from_pretrained(model_args.vision_tower)
+
+
+def projector_type_of(model) -> str:
+    return getattr(base_llava(model).config, "mm_projector_type", "mlp2x_gelu")  # llava-hf folders: LLaVA-1.5 MLP
+
+
+def lora_target_regex(model: LlavaForConditionalGeneration) -> str:
+    """Every linear layer of the language model (not the tower, the projector or lm_head)."""
+    names = sorted(
+        {n.rsplit(".", 1)[-1] for n, m in model.model.language_model.named_modules() if isinstance(m, nn.Linear)}
+    )
+    return rf"model\.language_model\..*\.({'|'.join(names)})"
+
+
+def prepare_model(model, model_args: ModelArguments, training_args: TrainingArguments):
+    """Set what trains: projector always; the LLM unless stage 1 / --freeze_backbone / LoRA; the tower never."""
+    projector_type = projector_type_of(model)
+    if model_args.pretrain_mm_mlp_adapter:
+        load_llava_projector(
+            model.model.multi_modal_projector, read_weights(model_args.pretrain_mm_mlp_adapter), projector_type
+        )
+    model.requires_grad_(False)
+    if training_args.lora_enable:
+        lora = LoraConfig(
+            r=training_args.lora_r,
+            lora_alpha=training_args.lora_alpha,
+            lora_dropout=training_args.lora_dropout,
+            bias=training_args.lora_bias,
+            target_modules=lora_target_regex(model),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    elif not (model_args.tune_mm_mlp_adapter or model_args.freeze_backbone):
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+    for param in trainable_projector_parameters(base_llava(model).model.multi_modal_projector, projector_type):
+        param.requires_grad_(True)
+    if training_args.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
+def make_processor(model, tokenizer, tower_processor, image_aspect_ratio: str) -> LlavaProcessor:
+    """Tokenizer + image processor saved with the model; expands `<image>` exactly as training does."""
+    return LlavaProcessor(
+        image_processor=make_image_processor(tower_processor, image_aspect_ratio),
+        tokenizer=tokenizer,
+        patch_size=model.config.vision_config.patch_size,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # the CLS token of the UTA / CLIP tower
+    )
+
+
+def save_outputs(trainer: LLaVATrainer, model_args: ModelArguments, training_args: TrainingArguments) -> None:
+    out = Path(training_args.output_dir)
+    model = base_llava(trainer.accelerator.unwrap_model(trainer.model))
+    if model_args.tune_mm_mlp_adapter:
+        state = projector_to_llava(model.model.multi_modal_projector, projector_type_of(model))
+        if trainer.is_world_process_zero():
+            write_weights(state, out / "mm_projector.bin")
+            write_weights(state, out / "mm_projector.safetensors")
+            model.config.save_pretrained(out)
+        return
+    trainer.save_model(str(out))
+    if training_args.lora_enable:
+        state = projector_state(model)
+        if trainer.is_world_process_zero():
+            write_weights(state, out / NON_LORA_FILE)
+            model.config.save_pretrained(out)
+
+
+def resume_point(training_args: TrainingArguments) -> str | bool | None:
+    """--resume_from_checkpoint, else True when the output folder already holds checkpoint-N folders."""
+    if training_args.resume_from_checkpoint:
+        return training_args.resume_from_checkpoint
+    if any(Path(training_args.output_dir).glob("checkpoint-*")):
+        logger.warning("resuming from the newest checkpoint in %s", training_args.output_dir)
+        return True
+    return None
+
+
+def train(argv: list[str] | None = None) -> LLaVATrainer:
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    set_seed(training_args.seed)
+    model, tokenizer, tower_processor = load_model(model_args, training_args)
+    model = prepare_model(model, model_args, training_args)
+    processor = make_processor(model, tokenizer, tower_processor, data_args.image_aspect_ratio)
+    dataset = LazySupervisedDataset(
+        data_args.data_path,
+        tokenizer,
+        processor.image_processor,
+        model_args.version,
+        image_token_id=model.config.image_token_id,
+        num_image_tokens=model.config.image_seq_length,
+        model_max_length=training_args.model_max_length,
+        image_folder=data_args.image_folder,
+        skip_bad_samples=data_args.skip_bad_samples,
+    )
+    trainer = LLaVATrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=DataCollatorForSupervisedDataset(tokenizer.pad_token_id),
+        processing_class=processor,
+    )
+    trainer.train(resume_from_checkpoint=resume_point(training_args))
+    trainer.save_state()
+    save_outputs(trainer, model_args, training_args)
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    train(argv)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # avoids a rare abort at exit of CPU DeepSpeed ranks (env.md §2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""LLaVA training end to end on tiny parts: stage 1, stage 2, LoRA + merge, resume, DeepSpeed ZeRO-2 on 2 ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from llava_helpers import make_dataset, make_lm_dir, make_tokenizer_dir, make_tower_dir
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, LlavaForConditionalGeneration, set_seed
+
+from llava_uta.model.llava_builder import build_llava
+from llava_uta.model.projector import load_llava_projector, read_weights
+from llava_uta.train.merge_lora import load_lora_model, merge_lora
+from llava_uta.train.train import train
+
+LLAVA_KEYS = {
+    "linear": {"model.mm_projector.weight", "model.mm_projector.bias"},
+    "mlp2x_gelu": {f"model.mm_projector.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")},
+}
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("llava_parts")
+    tok = make_tokenizer_dir(root / "tok")
+    make_dataset(root / "data", n=24, text_only=8)
+    make_dataset(root / "data", n=16, plain=True)
+    return {
+        "root": root,
+        "lm": make_lm_dir(root / "lm", tok),
+        "tower": make_tower_dir(root / "tower"),
+        "data": root / "data",
+    }
+
+
+def _args(parts, out: Path, stage: int, projector: str = "mlp2x_gelu", **extra) -> list[str]:
+    data = parts["data"] / ("pretrain.json" if stage == 1 else "instruct.json")
+    args = {
+        "model_name_or_path": parts["lm"],
+        "vision_tower": parts["tower"],
+        "version": "plain" if stage == 1 else "v1",
+        "mm_projector_type": projector,
+        "data_path": data,
+        "image_folder": parts["data"],
+        "output_dir": out,
+        "per_device_train_batch_size": 4,
+        "max_steps": 4,
+        "learning_rate": 1e-2 if stage == 1 else 1e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "weight_decay": 0.0,
+        "dataloader_num_workers": 0,
+        **({"tune_mm_mlp_adapter": True} if stage == 1 else {}),
+        **extra,
+    }
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def _reference(parts, projector: str) -> LlavaForConditionalGeneration:
+    """The model a run starts from: same build, same seed."""
+    set_seed(42)
+    tokenizer = AutoTokenizer.from_pretrained(parts["lm"])
+    return build_llava(str(parts["lm"]), str(parts["tower"]), tokenizer, projector)
+
+
+def _losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+@pytest.fixture(scope="module")
+def stage1(parts) -> Path:
+    out = parts["root"] / "stage1"
+    train(_args(parts, out, stage=1))
+    return out
+
+
+@pytest.mark.parametrize("projector", ["linear", "mlp2x_gelu"])
+def test_stage1_trains_only_the_projector_and_writes_llava_keys(parts, tmp_path, projector):
+    trainer = train(_args(parts, tmp_path, stage=1, projector=projector))
+    trained, reference = trainer.model, _reference(parts, projector)
+    reference_params = dict(reference.named_parameters())
+    changed = {n for n, p in trained.named_parameters() if not torch.equal(p, reference_params[n])}
+    assert changed and all(n.startswith("model.multi_modal_projector.linear_") for n in changed)
+    if projector == "linear":
+        assert not any("linear_2" in n for n in changed)  # stays the identity
+    state = read_weights(tmp_path / "mm_projector.bin")
+    assert set(state) == LLAVA_KEYS[projector]
+    twin = load_file(tmp_path / "mm_projector.safetensors")
+    assert all(torch.equal(state[k], twin[k]) for k in state)
+    load_llava_projector(reference.model.multi_modal_projector, state, projector)
+    features = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        ours, reloaded = trained.model.multi_modal_projector(features), reference.model.multi_modal_projector(features)
+    torch.testing.assert_close(ours, reloaded)
+    with pytest.raises(ValueError, match="not a"):
+        load_llava_projector(
+            reference.model.multi_modal_projector, state, "linear" if projector != "linear" else "mlp2x_gelu"
+        )
+
+
+def test_stage2_learns_keeps_the_tower_and_reloads_in_a_fresh_process(parts, stage1, tmp_path):
+    out = tmp_path / "stage2"
+    extra = {"pretrain_mm_mlp_adapter": stage1 / "mm_projector.bin", "max_steps": 16, "group_by_modality_length": True}
+    trainer = train(_args(parts, out, stage=2, **extra))
+    losses = _losses(trainer)
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.2
+    reference = dict(_reference(parts, "mlp2x_gelu").named_parameters())
+    for name, param in trainer.model.named_parameters():
+        if name.startswith("model.vision_tower."):
+            assert torch.equal(param, reference[name]), name
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in (0, 24, 1)])  # one text-only sample
+    torch.save(dict(batch), tmp_path / "batch.pt")
+    with torch.no_grad():
+        expected = trainer.model.eval()(**batch).logits
+    script = textwrap.dedent(f"""
+        import torch, llava_uta
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        model = LlavaForConditionalGeneration.from_pretrained({str(out)!r}).eval()
+        processor = AutoProcessor.from_pretrained({str(out)!r})
+        assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
+        with torch.no_grad():
+            logits = model(**torch.load({str(tmp_path / "batch.pt")!r})).logits
+        torch.save(logits, {str(tmp_path / "fresh.pt")!r})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
+    torch.testing.assert_close(torch.load(tmp_path / "fresh.pt"), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_text_only_batches_still_run_the_projector(parts, stage1, tmp_path):
+    trainer = train(_args(parts, tmp_path, stage=2, max_steps=1))
+    model = trainer.model.train()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in (24, 25)])
+    assert "pixel_values" not in batch
+    trainer.compute_loss(model, batch).backward()
+    projector_grads = [p.grad for p in model.model.multi_modal_projector.parameters()]
+    assert all(g is not None and not g.any() for g in projector_grads)  # in the graph, but contributes nothing
+    assert model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_lora_save_load_merge_gives_the_unmerged_outputs(parts, stage1, tmp_path):
+    out = tmp_path / "lora"
+    extra = {
+        "pretrain_mm_mlp_adapter": stage1 / "mm_projector.safetensors",
+        "lora_enable": True,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "mm_projector_lr": 1e-3,
+        "learning_rate": 1e-2,
+    }
+    trainer = train(_args(parts, out, stage=2, **extra))
+    assert {"adapter_model.safetensors", "adapter_config.json", "non_lora_trainables.safetensors"} <= set(
+        os.listdir(out)
+    )
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in (0, 1, 30)])
+    with torch.no_grad():
+        trained = trainer.model.eval()(**batch).logits
+        reloaded = load_lora_model(out).eval()(**batch).logits
+        merge_lora(out, tmp_path / "merged")
+        merged = LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()(**batch).logits
+    torch.testing.assert_close(reloaded, trained, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(merged, trained, atol=1e-5, rtol=1e-5)
+    base = _reference(parts, "mlp2x_gelu").eval()
+    with torch.no_grad():
+        assert not torch.allclose(base(**batch).logits, trained, atol=1e-3)  # the adapter did change the model
+
+
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(parts, tmp_path):
+    full = train(_args(parts, tmp_path / "full", stage=2, save_strategy="steps", save_steps=2))
+    assert {"checkpoint-2", "checkpoint-4"} <= set(os.listdir(tmp_path / "full"))
+    resumed = train(
+        _args(parts, tmp_path / "resumed", stage=2, resume_from_checkpoint=tmp_path / "full" / "checkpoint-2")
+    )
+    assert resumed.state.global_step == 4
+    ours = dict(resumed.model.named_parameters())
+    for name, param in full.model.named_parameters():
+        torch.testing.assert_close(ours[name], param, atol=1e-6, rtol=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.deepspeed
+def test_deepspeed_zero2_on_two_cpu_ranks(parts, stage1, tmp_path):
+    """Two ranks really share the data: 32 samples / (4 per rank x 2 ranks) = 4 steps for one epoch."""
+    out = tmp_path / "ds"
+    args = _args(
+        parts, out, stage=2, pretrain_mm_mlp_adapter=stage1 / "mm_projector.bin", group_by_modality_length=True
+    )
+    args = [a for a in args if not a.startswith("--max_steps")] + [
+        "--num_train_epochs=1",
+        "--deepspeed=scripts/zero2.json",
+    ]
+    launcher = Path(sys.executable).parent / "deepspeed"
+    command = [
+        str(launcher),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "--module",
+        "llava_uta.train",
+        *args,
+    ]
+    env = {**os.environ, "PATH": f"{launcher.parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert len(losses) == 4 and all(loss == loss for loss in losses)
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    assert model.config.mm_projector_type == "mlp2x_gelu"
