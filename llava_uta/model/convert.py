@@ -2,6 +2,8 @@
 
     llava-uta-convert official_uta_l14_336.pt towers/uta-l14-336            # a released checkpoint
     llava-uta-convert runs/uta/student.safetensors towers/uta-student      # a pre-training student (+ .json)
+    llava-uta-convert runs/uta/student.safetensors uta_student.safetensors --to official \
+        --text-model local-dir:runs/teacher                                 # the released key layout
 
 The folder loads with `AutoModel.from_pretrained` / `AutoImageProcessor.from_pretrained` once `llava_uta` is
 imported, and serves as the vision tower of a Llava model.
@@ -14,12 +16,13 @@ import os
 from pathlib import Path
 
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from safetensors.torch import save_file
 from transformers import CLIPImageProcessor
 from transformers.image_utils import PILImageResampling
 
 from llava_uta.model.checkpoint import load_uta_vit, student_config_path
 from llava_uta.model.hf_vision import UTAVisionModel
-from llava_uta.model.official import load_official_visual
+from llava_uta.model.official import export_official, load_official_visual
 from llava_uta.model.uta_vit import UTAViT
 
 
@@ -49,13 +52,36 @@ def convert(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, kind: str
     return out_dir
 
 
+def export_to_official(checkpoint: str | os.PathLike, out_file: str | os.PathLike, text_model: str | None = None,
+                       kind: str = "auto") -> Path:
+    """Write a checkpoint in the released key layout (.safetensors), with the text tower of an open_clip model."""
+    vit = load_any_uta_vit(checkpoint, kind)
+    clip = None
+    if text_model:
+        import open_clip
+
+        clip = open_clip.create_model(text_model.removeprefix("openclip:"))
+    out_file = Path(out_file)
+    tmp = out_file.with_name(f".{out_file.name}.tmp")
+    save_file(export_official(vit, clip), tmp)
+    os.replace(tmp, out_file)
+    return out_file
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="released UTA checkpoint, or student .safetensors with its .json")
-    parser.add_argument("out_dir", help="folder to write (config.json, model.safetensors, preprocessor_config.json)")
+    parser.add_argument("out", help="tower folder to write (--to hf), or a .safetensors file (--to official)")
     parser.add_argument("--kind", choices=("auto", "official", "student"), default="auto")
+    parser.add_argument("--to", choices=("hf", "official"), default="hf",
+                        help="a transformers vision-tower folder, or the released UTA key layout")
+    parser.add_argument("--text-model", help="with --to official: open_clip model (e.g. local-dir:runs/teacher) "
+                        "whose text tower is written as text.*")
     args = parser.parse_args(argv)
-    out = convert(args.checkpoint, args.out_dir, args.kind)
+    if args.to == "official":
+        out = export_to_official(args.checkpoint, args.out, args.text_model, args.kind)
+    else:
+        out = convert(args.checkpoint, args.out, args.kind)
     print(f"wrote {out}")
 
 

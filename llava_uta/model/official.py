@@ -168,3 +168,23 @@ def load_official_checkpoint(path: str | os.PathLike, text_heads: int | None = N
     text = official_text_tower(text_sd, text_heads, source)
     load_strict(text, text_sd, f"{source} (text.*)")
     return UTACLIP(visual, text, logit_scale=float(logit_scale)).eval()
+
+
+def export_official(visual: UTAViT, clip_text: nn.Module | None = None, logit_scale: float = math.log(1 / 0.07)
+                    ) -> dict[str, Tensor]:
+    """The released key layout for a UTAViT (e.g. a pre-training student), with RoPE tables in every block.
+
+    `clip_text` (an open_clip CLIP, e.g. the teacher) supplies `text.*`; without it only `visual.*` is written.
+    """
+    state = {k: v for k, v in visual.state_dict().items() if k != "mask_token"}  # the MIM baseline's [MASK]
+    for old, new in VISUAL_RENAMES:
+        state = {k.replace(new, old): v for k, v in state.items()}
+    sin, cos = visual.rope.get_embed().chunk(2, dim=-1)
+    for prefix in ["", *(f"blocks.{i}.attn." for i in range(visual.cfg.depth))]:
+        state[f"{prefix}rope.freqs_cos"], state[f"{prefix}rope.freqs_sin"] = cos.clone(), sin.clone()
+    out = {f"visual.{k}": v.detach().contiguous() for k, v in state.items()}
+    if clip_text is not None:
+        out.update({f"text.{k}": v.detach().contiguous() for k, v in clip_text.state_dict().items()
+                    if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")})
+    out["logit_scale"] = torch.tensor(logit_scale)
+    return out
