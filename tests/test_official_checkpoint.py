@@ -239,7 +239,8 @@ def test_student_exports_to_the_official_layout_and_loads_back(tmp_path):
     torch.manual_seed(0)
     student = build_uta_vit("uta_test_p8_32", use_mask_token=True).eval()  # a MIM student: [MASK] is dropped
     save_uta_vit(student, tmp_path / "student.safetensors")
-    clip_cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1},
+    clip_cfg = {"embed_dim": 32,
+                "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
                 "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1}}
     teacher = open_clip.CLIP(**clip_cfg).eval()
     save_local_dir(teacher, clip_cfg, tmp_path / "teacher")
@@ -247,7 +248,8 @@ def test_student_exports_to_the_official_layout_and_loads_back(tmp_path):
     convert_main([str(tmp_path / "student.safetensors"), str(out), "--to", "official",
                   "--text-model", f"local-dir:{tmp_path / 'teacher'}"])
     loaded = load_official_checkpoint(out, text_heads=1)  # strict: every key used, RoPE tables checked
-    images, tokens = torch.randn(2, 3, 32, 32), open_clip.SimpleTokenizer(16)(["a red circle.", "a star."])
+    images = torch.randn(2, 3, 32, 32)
+    tokens = open_clip.SimpleTokenizer(context_length=16)(["a red circle.", "a star."])
     with torch.no_grad():
         assert torch.allclose(loaded.encode_image(images), student.encode_image(images), atol=1e-5)
         assert torch.allclose(loaded.encode_text(tokens), teacher.encode_text(tokens), atol=1e-5)
