@@ -43,16 +43,19 @@ TOWER := $(RUNS)/tower/config.json
 LM := $(RUNS)/tiny-lm/config.json
 STAGE1 := $(RUNS)/llava-stage1/mm_projector.bin
 STAGE2 := $(RUNS)/llava-stage2/model.safetensors
+BENCH := $(DATA)/eval/llava-bench-shapes
+BENCH_SUMMARY := $(RUNS)/bench/summary.md
 ZS_FLAGS = --eval_data $(DATA)/zeroshot/val --eval_classnames $(DATA)/zeroshot/classnames.json \
 	--eval_templates $(DATA)/zeroshot/templates.json
 
-demo: $(STAGE2)
+demo: $(BENCH_SUMMARY)
 	@$(BIN)/python -c "import json; s = json.load(open('$(RUNS)/uta/summary.json')); \
 		print('zero-shot top-1 on ShapesWorld: teacher %.3f, UTA student %.3f' \
 		% (s['teacher_zeroshot']['top1'], s['zeroshot']['top1']))"
-	@echo "LLaVA with the UTA tower: $(RUNS)/llava-stage2"
+	@echo "LLaVA with the UTA tower: $(RUNS)/llava-stage2 (chat: $(BIN)/llava-uta-chat --model-path $(RUNS)/llava-stage2 --image-file IMAGE)"
+	@cat $(BENCH_SUMMARY)
 
-$(WORLD): $(STAMP)
+$(WORLD): | $(STAMP)
 	$(BIN)/llava-uta-shapes --out $(DATA) --seed $(SEED)
 
 $(TEACHER): $(WORLD)
@@ -85,6 +88,17 @@ $(STAGE2): $(STAGE1)
 		--image_folder $(DATA) --output_dir $(RUNS)/llava-stage2 --per_device_train_batch_size 16 \
 		--max_steps $(STAGE2_STEPS) --learning_rate 1e-3 --warmup_steps 10 --lr_scheduler_type cosine \
 		--group_by_modality_length True --logging_steps 10 --save_strategy no --report_to none --seed $(SEED)
+
+# LLaVA-Bench on the held-out ShapesWorld images: answers, offline review against the scene graphs, summary.
+# answer and review resume by themselves, so the recipe is one target.
+$(BENCH_SUMMARY): $(STAGE2)
+	$(BIN)/llava-uta-bench answer --model-path $(RUNS)/llava-stage2 --question-file $(BENCH)/questions.jsonl \
+		--image-folder $(BENCH)/images --answers-file $(RUNS)/bench/answers.jsonl --max-new-tokens 128
+	$(BIN)/llava-uta-bench review --question $(BENCH)/questions.jsonl --context $(BENCH)/context.jsonl \
+		--answer-list $(BENCH)/answers_gpt4.jsonl $(RUNS)/bench/answers.jsonl --output $(RUNS)/bench/reviews.jsonl \
+		--judge shapes --ground-truth $(BENCH)/ground_truth.jsonl
+	$(BIN)/llava-uta-bench summarize $(RUNS)/bench/reviews.jsonl --plot $(RUNS)/bench/summary.png \
+		--markdown $(BENCH_SUMMARY)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

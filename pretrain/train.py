@@ -15,7 +15,7 @@ from transformers import HfArgumentParser
 from pretrain.engine import PretrainArguments, Pretrainer
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     (args,) = HfArgumentParser(PretrainArguments).parse_args_into_dataclasses(args=argv)
     trainer = Pretrainer(args)
     summary = trainer.train()
@@ -24,7 +24,6 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(shown, indent=2))
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    return summary
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def load_images(paths: list[Path], image_size: int) -> torch.Tensor:
         img = Image.open(p).convert("RGB")
         if img.size != (image_size, image_size):
             img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
-        out[i] = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
+        out[i] = torch.from_numpy(np.array(img)).permute(2, 0, 1)
     return out
 
 

@@ -12,6 +12,8 @@ IMAGES=${IMAGES:-playground/data/coco/train2014}
 OUT=${OUT:-checkpoints/llava-uta-vicuna-7b}
 PROJECTOR=${PROJECTOR:-linear}
 DS_CONFIG=${DS_CONFIG:-scripts/zero3.json}
+LR=${LR:-2e-5}
+EXTRA_ARGS=${EXTRA_ARGS:-}                 # more llava-uta-train flags (llava_stage2_lora.sh sets the LoRA ones)
 NUM_GPUS=${NUM_GPUS:-8}
 PER_DEVICE=${PER_DEVICE:-4}
 GLOBAL_BATCH=32
@@ -34,6 +36,7 @@ deepspeed --num_gpus "$NUM_GPUS" "$@" --module llava_uta.train \
     --gradient_accumulation_steps "$GRAD_ACC" \
     --eval_strategy no \
     --save_strategy steps --save_steps 5000 --save_total_limit 1 \
-    --learning_rate 2e-5 --weight_decay 0. --warmup_ratio 0.03 --lr_scheduler_type cosine \
+    --learning_rate "$LR" --weight_decay 0. --warmup_ratio 0.03 --lr_scheduler_type cosine \
     --logging_steps 1 --model_max_length 2048 --gradient_checkpointing True \
-    --dataloader_num_workers 4 --lazy_preprocess True --report_to none
+    --dataloader_num_workers 4 --lazy_preprocess True --report_to none \
+    $EXTRA_ARGS

@@ -39,19 +39,16 @@ def make_tokenizer_dir(root: Path) -> Path:
     return root
 
 
+def tiny_llama_config(tokenizer, **overrides) -> LlamaConfig:
+    fields = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2)
+    return LlamaConfig(**{**fields, **overrides})
+
+
 def make_lm_dir(root: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    config = tiny_llama_config(tokenizer, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                               eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(root)
     tokenizer.save_pretrained(root)

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from llava_helpers import make_dataset, make_tokenizer_dir, solid_image, tiny_tower_config
+from llava_helpers import make_dataset, make_tokenizer_dir, solid_image, tiny_llama_config, tiny_tower_config
 from PIL import Image
-from transformers import AutoTokenizer, LlamaConfig, LlavaProcessor
+from transformers import AutoTokenizer, LlavaProcessor
 
 from llava_uta.constants import IGNORE_INDEX
 from llava_uta.conversation import generation_prompt
@@ -188,14 +188,7 @@ def test_mixed_batch_through_llava(tokenizer, data_root):
     items = [dataset[6], dataset[0], dataset[7], dataset[1]]
     batch = DataCollatorForSupervisedDataset(tokenizer.pad_token_id)(items)
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
-    lm = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    lm = tiny_llama_config(tokenizer)
     torch.manual_seed(0)
     model = build_llava(lm, tiny_tower_config(), tokenizer).eval()
     with torch.no_grad():

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from transformers import BaseImageProcessor, LlavaImageProcessor
+from transformers import BaseImageProcessor, LlavaImageProcessor, LlavaProcessor
 
 from llava_uta.constants import IGNORE_INDEX
 from llava_uta.conversation import get_template
@@ -155,3 +155,14 @@ class DataCollatorForSupervisedDataset:
         if images:
             batch["pixel_values"] = torch.stack(images)
         return batch
+
+
+def make_processor(model, tokenizer, tower_processor, image_aspect_ratio: str) -> LlavaProcessor:
+    """Tokenizer + image processor saved with the model; expands `<image>` exactly as training does."""
+    return LlavaProcessor(
+        image_processor=make_image_processor(tower_processor, image_aspect_ratio),
+        tokenizer=tokenizer,
+        patch_size=model.config.vision_config.patch_size,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # the CLS token of the UTA / CLIP tower
+    )

@@ -16,11 +16,13 @@ from __future__ import annotations
 import os
 
 import torch
+from peft import PeftModel
 from tokenizers import AddedToken
 from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoTokenizer,
     CLIPVisionModel,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -30,7 +32,13 @@ from transformers import (
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from llava_uta.constants import DEFAULT_IMAGE_TOKEN
-from llava_uta.model.projector import PROJECTOR_ACTIVATIONS, check_projector_type, gathered, init_linear_projector
+from llava_uta.model.projector import (
+    PROJECTOR_ACTIVATIONS,
+    check_projector_type,
+    gathered,
+    init_linear_projector,
+    read_weights,
+)
 
 SELECT_FEATURES = {"patch": "default", "cls_patch": "full"}
 
@@ -134,3 +142,32 @@ def build_llava(
     if meta:
         raise RuntimeError(f"parameters left uninitialised while assembling Llava: {meta[:5]}")
     return model
+
+
+NON_LORA_FILE = "non_lora_trainables.safetensors"  # the projector of a LoRA run, beside the adapter
+
+
+def load_lora_model(
+    model_path: str | os.PathLike, model_base: str | None = None, vision_tower: str | None = None
+) -> PeftModel:
+    """The LoRA-trained model, unmerged: rebuilt base + trained projector + adapter."""
+    config = LlavaConfig.from_pretrained(model_path)
+    model_base = model_base or config.mm_language_model
+    vision_tower = vision_tower or config.mm_vision_tower
+    if not model_base or not vision_tower:
+        raise ValueError("the LoRA config does not record the base LLM / tower: pass --model_base and --vision_tower")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    select_feature = {v: k for k, v in SELECT_FEATURES.items()}[config.vision_feature_select_strategy]
+    base = build_llava(
+        model_base, vision_tower, tokenizer, config.mm_projector_type, config.vision_feature_layer, select_feature
+    )
+    if (
+        base.config.image_token_id != config.image_token_id
+        or base.config.text_config.vocab_size != config.text_config.vocab_size
+    ):
+        raise ValueError("the rebuilt base does not match the LoRA run's vocabulary (different LLM or tokenizer?)")
+    projector = read_weights(os.path.join(model_path, NON_LORA_FILE))
+    missing, unexpected = base.load_state_dict(projector, strict=False)
+    if unexpected or any(k.startswith("model.multi_modal_projector.") for k in missing):
+        raise ValueError(f"{NON_LORA_FILE} does not fit the projector: unexpected {unexpected}")
+    return PeftModel.from_pretrained(base, model_path)

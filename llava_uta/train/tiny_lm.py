@@ -20,6 +20,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 import torch
+from tqdm import tqdm
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from llava_uta.constants import DEFAULT_IMAGE_TOKEN
@@ -115,7 +116,8 @@ def pretrain_lm(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model.train()
     losses = []
-    for _ in range(steps):
+    progress = tqdm(range(steps), desc="tiny LM", unit="step")
+    for _ in progress:
         starts = torch.randint(0, len(stream) - seq_len, (batch_size,), generator=gen)
         batch = torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
         loss = model(input_ids=batch, labels=batch).loss
@@ -125,6 +127,7 @@ def pretrain_lm(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        progress.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     return losses
 
 

@@ -25,12 +25,11 @@ from transformers import (
     AutoTokenizer,
     HfArgumentParser,
     LlavaForConditionalGeneration,
-    LlavaProcessor,
     set_seed,
 )
 
-from llava_uta.data.llava_dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset, make_image_processor
-from llava_uta.model.llava_builder import build_llava
+from llava_uta.data.llava_dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset, make_processor
+from llava_uta.model.llava_builder import NON_LORA_FILE, build_llava
 from llava_uta.model.projector import (
     load_llava_projector,
     projector_to_llava,
@@ -39,7 +38,7 @@ from llava_uta.model.projector import (
     write_weights,
 )
 from llava_uta.train.args import DataArguments, ModelArguments, TrainingArguments
-from llava_uta.train.trainer import NON_LORA_FILE, LLaVATrainer, base_llava, projector_state
+from llava_uta.train.trainer import LLaVATrainer, base_llava, projector_state
 
 logger = logging.getLogger(__name__)
 
@@ -109,20 +108,10 @@ def prepare_model(model, model_args: ModelArguments, training_args: TrainingArgu
     return model
 
 
-def make_processor(model, tokenizer, tower_processor, image_aspect_ratio: str) -> LlavaProcessor:
-    """Tokenizer + image processor saved with the model; expands `<image>` exactly as training does."""
-    return LlavaProcessor(
-        image_processor=make_image_processor(tower_processor, image_aspect_ratio),
-        tokenizer=tokenizer,
-        patch_size=model.config.vision_config.patch_size,
-        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-        num_additional_image_tokens=1,  # the CLS token of the UTA / CLIP tower
-    )
-
-
 def save_outputs(trainer: LLaVATrainer, model_args: ModelArguments, training_args: TrainingArguments) -> None:
     out = Path(training_args.output_dir)
     model = base_llava(trainer.accelerator.unwrap_model(trainer.model))
+    model.config.conv_mode = model_args.version  # the serving loader's default conversation template
     if model_args.tune_mm_mlp_adapter:
         state = projector_to_llava(model.model.multi_modal_projector, projector_type_of(model))
         if trainer.is_world_process_zero():

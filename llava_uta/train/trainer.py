@@ -19,9 +19,8 @@ from peft import PeftModel
 from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
 
+from llava_uta.model.llava_builder import NON_LORA_FILE
 from llava_uta.model.projector import gathered, read_weights, write_weights
-
-NON_LORA_FILE = "non_lora_trainables.safetensors"
 
 
 def base_llava(model):

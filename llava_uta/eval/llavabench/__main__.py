@@ -1,0 +1,42 @@
+"""llava-uta-bench: LLaVA-Bench evaluation in three steps (llava.md §5).
+
+    llava-uta-bench answer --model-path checkpoints/llava-uta --question-file B/questions.jsonl \\
+        --image-folder B/images --answers-file B/answers/llava-uta.jsonl
+    llava-uta-bench review --question B/questions.jsonl --context B/context.jsonl \\
+        --answer-list B/answers_gpt4.jsonl B/answers/llava-uta.jsonl --output B/reviews/llava-uta.jsonl \\
+        --judge http --judge-base-url https://api.openai.com/v1 --judge-model gpt-4-0613
+    llava-uta-bench summarize B/reviews/*.jsonl --plot B/reviews/summary.png
+
+For the ShapesWorld bench, `review --judge shapes` scores offline against ground_truth.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from llava_uta.eval.llavabench import answer, review, summarize
+
+COMMANDS = {
+    "answer": (answer, "answer the questions with a model"),
+    "review": (review, "judge model answers against the reference answers"),
+    "summarize": (summarize, "relative scores per category, tables and a chart"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="llava-uta-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=module.__doc__)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Summarize review files: relative score per category and overall, as LLaVA's summarize_gpt_review.py.
+
+Per category and for `all`: the mean of each score column rounded to 3 decimals, then relative score =
+model mean / reference mean x 100, and both means x 10, each rounded to 1 decimal (llava.md §5.3). Failed
+reviews (`error`, tuple [-1, -1]) are left out of those figures and counted; the `LLaVA rel.` column is the
+relative score with them included as LLaVA computes it, for comparison with published numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llava_uta.eval.llavabench.jsonl import read_jsonl
+
+CATEGORY_ORDER = ("conv", "detail", "complex")
+PREFIX = "llava_bench_"
+
+
+@dataclass
+class CategoryScore:
+    category: str
+    relative: float
+    reference: float  # reference (GPT-4) mean x 10
+    model: float  # model mean x 10
+    reviews: int
+    failed: int
+    llava_relative: float  # relative score with failed reviews counted as -1, as LLaVA does
+
+
+def llava_figures(tuples: list[list[float]]) -> tuple[float, float, float]:
+    """(relative %, reference x 10, model x 10) exactly as LLaVA rounds them; NaNs for no reviews."""
+    if not tuples:
+        return math.nan, math.nan, math.nan
+    ref, model = (round(x, 3) for x in np.asarray(tuples, dtype=float).mean(0).tolist())
+    relative = round(model / ref * 100, 1) if ref else math.nan
+    return relative, round(ref * 10, 1), round(model * 10, 1)
+
+
+def _order(category: str) -> tuple:
+    name = category.removeprefix(PREFIX)
+    return (name == "all", CATEGORY_ORDER.index(name) if name in CATEGORY_ORDER else len(CATEGORY_ORDER), name)
+
+
+def summarize_reviews(records: list[dict]) -> list[CategoryScore]:
+    """One row per category (conv, detail, complex, others) and `all`, in that order."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for record in records:
+        groups[record["category"]].append(record)
+        groups["all"].append(record)
+    rows = []
+    for category in sorted(groups, key=_order):
+        group = groups[category]
+        valid = [r["tuple"] for r in group if "error" not in r]
+        relative, reference, model = llava_figures(valid)
+        llava_relative = llava_figures([r["tuple"] for r in group])[0]
+        name = category.removeprefix(PREFIX)
+        rows.append(
+            CategoryScore(name, relative, reference, model, len(group), len(group) - len(valid), llava_relative)
+        )
+    return rows
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.1f}"
+
+
+def markdown_table(name: str, rows: list[CategoryScore]) -> str:
+    lines = [
+        f"### {name}",
+        "",
+        "| category | relative | reference x10 | model x10 | reviews | failed | LLaVA rel. (-1 incl.) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        cells = (_fmt(r.relative), _fmt(r.reference), _fmt(r.model), str(r.reviews), str(r.failed))
+        lines.append(f"| {r.category} | " + " | ".join(cells) + f" | {_fmt(r.llava_relative)} |")
+    return "\n".join(lines)
+
+
+def comparison_table(results: dict[str, list[CategoryScore]]) -> str:
+    """Relative scores of several review files side by side."""
+    categories = sorted({r.category for rows in results.values() for r in rows}, key=_order)
+    lines = ["| reviews | " + " | ".join(categories) + " |", "|---|" + "---:|" * len(categories)]
+    for name, rows in results.items():
+        by_category = {r.category: r.relative for r in rows}
+        lines.append(f"| {name} | " + " | ".join(_fmt(by_category.get(c, math.nan)) for c in categories) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, list[CategoryScore]], path: str | os.PathLike) -> None:
+    """Grouped bars: relative score per category, one bar per review file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    categories = sorted({r.category for rows in results.values() for r in rows}, key=_order)
+    width = 0.8 / len(results)
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(categories) * max(1, len(results) / 2), 3.5))
+    for i, (name, rows) in enumerate(results.items()):
+        by_category = {r.category: r.relative for r in rows}
+        xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(categories))]
+        ax.bar(xs, [by_category.get(c, math.nan) for c in categories], width, label=name)
+    ax.set_xticks(range(len(categories)), categories)
+    ax.set_ylabel("relative score (%)")
+    ax.axhline(100, color="grey", linewidth=0.8, linestyle="--")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def review_name(path: str | os.PathLike) -> str:
+    return Path(path).name.removesuffix(".jsonl").removeprefix("gpt4_text_")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("files", nargs="+", help="review .jsonl files")
+    parser.add_argument("--markdown", help="also write the tables to this file")
+    parser.add_argument("--plot", help="bar chart PNG of the relative scores")
+
+
+def run(args: argparse.Namespace) -> None:
+    results = {review_name(path): summarize_reviews(read_jsonl(path)) for path in args.files}
+    tables = [markdown_table(name, rows) for name, rows in results.items()]
+    if len(results) > 1:
+        tables.append("### relative score (%)\n\n" + comparison_table(results))
+    text = "\n\n".join(tables) + "\n"
+    print(text, end="")
+    if args.markdown:
+        tmp = Path(args.markdown).with_name(f".{Path(args.markdown).name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, args.markdown)
+    if args.plot:
+        plot(results, args.plot)

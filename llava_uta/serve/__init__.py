@@ -1,0 +1,1 @@
+"""Serving: load a trained model (loader), talk to it (chat), and the terminal front end (cli)."""

@@ -1,0 +1,155 @@
+"""Load any LLaVA-UTA training output for generation (LLaVA's `load_pretrained_model`, llava.md §4.4).
+
+    loaded = load_pretrained_model("checkpoints/llava-uta")                          # stage 2 (or merged LoRA)
+    loaded = load_pretrained_model("checkpoints/llava-uta-lora")                     # LoRA, base from config.json
+    loaded = load_pretrained_model("checkpoints/llava-uta-pretrain", "vicuna-7b")    # stage-1 projector only
+
+The folder kind is read from its files, not its name: `adapter_config.json` marks a LoRA run (its base LLM and
+tower are rebuilt from config.json or `model_base`, then the adapter is merged), a `mm_projector` file without
+model weights marks a stage-1 run (base LLM + recorded tower + the trained projector), anything else is a
+`save_pretrained` Llava folder. The dtype follows the device: bf16 (or fp16) on CUDA, fp32 on the CPU, where fp16
+matmuls are not implemented (llava.md §8.7). Serving a stage-2 folder imports no training code; the LoRA and
+stage-1 cases reuse the training package's rebuild functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+
+import llava_uta.model  # noqa: F401  (registers the UTA tower with transformers' Auto classes)
+from llava_uta.conversation import conv_templates
+from llava_uta.data.llava_dataset import make_processor
+from llava_uta.model.llava_builder import load_lora_model
+
+DEFAULT_CONV_MODE = "v1"
+PROJECTOR_FILES = ("mm_projector.safetensors", "mm_projector.bin")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for generation, with its processor and the settings generation needs."""
+
+    model: LlavaForConditionalGeneration
+    processor: object  # LlavaProcessor: tokenizer + image processor that expands <image>
+    conv_mode: str
+    context_len: int
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(device: str | torch.device, dtype: torch.dtype | str | None = None) -> torch.dtype:
+    """The requested dtype, checked against the device; by default bf16/fp16 on CUDA and fp32 elsewhere."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    kind = torch.device(device).type
+    if dtype is None:
+        if kind == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if kind == "cpu" and dtype == torch.float16:
+        raise ValueError("float16 does not run on the CPU (addmm is not implemented for Half); use float32 or bfloat16")
+    return dtype
+
+
+def folder_kind(model_path: str | os.PathLike) -> str:
+    """'lora', 'projector' (stage 1) or 'full', from the files in the folder."""
+    path = Path(model_path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a LLaVA-UTA training output")
+    if (path / "adapter_config.json").is_file():
+        return "lora"
+    has_weights = any((path / name).is_file() for name in WEIGHT_FILES)
+    if not has_weights and any((path / name).is_file() for name in PROJECTOR_FILES):
+        return "projector"
+    return "full"
+
+
+def _load_full(model_path: str, dtype: torch.dtype):
+    model = LlavaForConditionalGeneration.from_pretrained(model_path, dtype=dtype)
+    return model, AutoProcessor.from_pretrained(model_path)
+
+
+def _load_lora(model_path: str, model_base: str | None, dtype: torch.dtype):
+
+    model = load_lora_model(model_path, model_base).merge_and_unload().to(dtype)
+    return model, AutoProcessor.from_pretrained(model_path)
+
+
+def _load_projector(model_path: str, model_base: str | None, dtype: torch.dtype, image_aspect_ratio: str):
+    from llava_uta.model.llava_builder import SELECT_FEATURES, build_llava
+    from llava_uta.model.projector import load_llava_projector, read_weights
+
+    config = LlavaConfig.from_pretrained(model_path)
+    model_base = model_base or config.mm_language_model
+    tower = config.mm_vision_tower
+    if not model_base or not tower:
+        raise ValueError(f"{model_path}: config.json records no base LLM / tower; pass model_base")
+    tokenizer = AutoTokenizer.from_pretrained(model_base)
+    select_feature = {v: k for k, v in SELECT_FEATURES.items()}[config.vision_feature_select_strategy]
+    model = build_llava(
+        model_base, tower, tokenizer, config.mm_projector_type, config.vision_feature_layer, select_feature, dtype
+    )
+    weights = next(Path(model_path, name) for name in PROJECTOR_FILES if Path(model_path, name).is_file())
+    load_llava_projector(model.model.multi_modal_projector, read_weights(weights), config.mm_projector_type)
+    return model, make_processor(model, tokenizer, AutoImageProcessor.from_pretrained(tower), image_aspect_ratio)
+
+
+def load_pretrained_model(
+    model_path: str | os.PathLike,
+    model_base: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    image_aspect_ratio: str = "square",
+) -> LoadedModel:
+    """Model + processor + conversation mode for a stage-2, LoRA or stage-1 folder (see the module docstring).
+
+    `model_base` is the base LLM of a LoRA or stage-1 run (default: the path recorded in config.json);
+    `image_aspect_ratio` (square / pad) only matters for stage-1 folders, which save no image processor.
+    """
+    model_path = str(model_path)
+    model_base = str(model_base) if model_base else None
+    device = device or default_device()
+    dtype = resolve_dtype(device, dtype)
+    kind = folder_kind(model_path)
+    if kind == "lora":
+        model, processor = _load_lora(model_path, model_base, dtype)
+    elif kind == "projector":
+        model, processor = _load_projector(model_path, model_base, dtype, image_aspect_ratio)
+    else:
+        model, processor = _load_full(model_path, dtype)
+    model = model.to(device).eval()
+    conv_mode = getattr(model.config, "conv_mode", None) or DEFAULT_CONV_MODE
+    context_len = getattr(model.config.text_config, "max_position_embeddings", None) or 2048
+    return LoadedModel(model, processor, conv_mode, context_len)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose and load a model (shared by the chat and the bench answerer)."""
+    parser.add_argument("--model-path", required=True, help="stage-2, LoRA or stage-1 output folder")
+    parser.add_argument("--model-base", help="base LLM of a LoRA / stage-1 folder (default: from its config.json)")
+    parser.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
+    parser.add_argument("--dtype", help="float32 / bfloat16 / float16 (default: follows the device)")
+    parser.add_argument(
+        "--image-aspect-ratio",
+        default="square",
+        choices=("square", "pad"),
+        help="preprocessing of a stage-1 folder (others record their own)",
+    )
+    parser.add_argument("--conv-mode", choices=sorted(conv_templates), help="template (default: the model's, or v1)")
+
+
+def load_from_args(args: argparse.Namespace) -> LoadedModel:
+    return load_pretrained_model(args.model_path, args.model_base, args.device, args.dtype, args.image_aspect_ratio)

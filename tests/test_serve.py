@@ -1,0 +1,120 @@
+"""Serving on tiny trained folders: every folder kind loads, streaming = non-streaming, prompts, and the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from llava_helpers import make_dataset, make_lm_dir, make_tokenizer_dir, make_tower_dir, solid_image
+from PIL import Image
+from test_llava_train import _args
+
+from llava_uta.conversation import generation_prompt
+from llava_uta.serve.chat import ChatSession, final_text, safe_prefix
+from llava_uta.serve.loader import folder_kind, load_pretrained_model, resolve_dtype
+from llava_uta.train.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    """A stage-1, a stage-2 and a LoRA output of a few training steps each, and a test image."""
+    root = tmp_path_factory.mktemp("serve")
+    tok = make_tokenizer_dir(root / "tok")
+    make_dataset(root / "data", n=8)
+    make_dataset(root / "data", n=8, plain=True)
+    parts = {"root": root, "lm": make_lm_dir(root / "lm", tok), "tower": make_tower_dir(root / "tower"),
+             "data": root / "data"}
+    train(_args(parts, root / "stage1", stage=1, max_steps=1))
+    adapter = {"pretrain_mm_mlp_adapter": root / "stage1" / "mm_projector.bin", "max_steps": 2}
+    train(_args(parts, root / "stage2", stage=2, **adapter))
+    train(_args(parts, root / "lora", stage=2, lora_enable=True, lora_r=4, lora_alpha=8, **adapter))
+    solid_image(root / "red.png", "red")
+    return {**parts, "stage1": root / "stage1", "stage2": root / "stage2", "lora": root / "lora",
+            "image": root / "red.png"}
+
+
+@pytest.fixture(scope="module")
+def stage2(folders):
+    return load_pretrained_model(folders["stage2"], device="cpu")
+
+
+def _session(loaded, folders, **kwargs) -> ChatSession:
+    return ChatSession(loaded, image=Image.open(folders["image"]), **kwargs)
+
+
+@pytest.mark.parametrize(("kind", "base"), [("stage2", None), ("lora", None), ("stage1", "lm")])
+def test_each_folder_kind_loads_and_answers(folders, kind, base):
+    expected_kind = {"stage2": "full", "lora": "lora", "stage1": "projector"}[kind]
+    assert folder_kind(folders[kind]) == expected_kind
+    loaded = load_pretrained_model(folders[kind], folders[base] if base else None, device="cpu")
+    assert loaded.model.dtype == torch.float32 and loaded.conv_mode == "v1" and not loaded.model.training
+    answer = _session(loaded, folders).answer("What is in the image?", max_new_tokens=6)
+    assert isinstance(answer, str)
+
+
+def test_lora_folder_loads_merged_to_the_trained_weights(folders):
+    from llava_uta.model.llava_builder import load_lora_model
+
+    loaded = load_pretrained_model(folders["lora"], device="cpu")
+    unmerged = load_lora_model(folders["lora"]).eval()
+    inputs = _session(loaded, folders)._inputs("USER: <image>\nhi ASSISTANT:")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(**inputs).logits, unmerged(**inputs).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_dtype_follows_the_device():
+    assert resolve_dtype("cpu") == torch.float32
+    assert resolve_dtype("cpu", "bfloat16") == torch.bfloat16
+    with pytest.raises(ValueError, match="float16"):
+        resolve_dtype("cpu", torch.float16)
+
+
+def test_streamed_answer_equals_the_greedy_answer(stage2, folders):
+    streamed = "".join(_session(stage2, folders).ask("What is in the image?", temperature=0, max_new_tokens=12))
+    whole = _session(stage2, folders).answer("What is in the image?", max_new_tokens=12)
+    assert streamed == whole and whole
+
+
+def test_multi_turn_prompt_is_the_template_rendering(stage2, folders):
+    session = _session(stage2, folders, conv_mode="vicuna_v1")
+    first = session.answer("What is in the image?", max_new_tokens=5)
+    second = "".join(session.ask("What color is it?", temperature=0, max_new_tokens=5))
+    expected = generation_prompt(
+        "vicuna_v1", ["<image>\nWhat is in the image?", first, "What color is it?", second, "Is it big?"]
+    )
+    assert session.prompt("Is it big?") == expected
+    regenerated = "".join(session.regenerate(temperature=0, max_new_tokens=5))
+    assert regenerated == second and len(session.turns) == 4
+    session.reset()
+    assert session.prompt("Hi") == generation_prompt("vicuna_v1", ["<image>\nHi"])
+
+
+def test_sampling_respects_the_seed(stage2, folders):
+    answers = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        answers.append(_session(stage2, folders).answer("Describe it.", temperature=1.0, top_p=0.9, max_new_tokens=8))
+    assert answers[0] == answers[1]
+
+
+def test_stop_string_handling():
+    assert final_text("  a cat.</s>junk", "</s>") == "a cat."
+    assert safe_prefix(" a cat.</", "</s>") == "a cat."  # a partial stop string is held back
+    assert safe_prefix(" a cat. ", "</s>") == "a cat."
+    assert final_text("a cat\nmore", "\n") == "a cat"
+
+
+def test_cli_round_trip(folders):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "llava_uta.serve.cli", "--model-path", str(folders["stage2"]),
+               "--image-file", str(folders["image"]), "--temperature", "0", "--max-new-tokens", "6"]
+    done = subprocess.run(command, input="What is in the image?\nAnd the color?\n", capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("ASSISTANT:") == 2 and done.stdout.rstrip().endswith("USER:")
