@@ -93,7 +93,7 @@ $(STAGE2): $(STAGE1)
 # answer and review resume by themselves, so the recipe is one target.
 $(BENCH_SUMMARY): $(STAGE2)
 	$(BIN)/llava-uta-bench answer --model-path $(RUNS)/llava-stage2 --question-file $(BENCH)/questions.jsonl \
-		--image-folder $(BENCH)/images --answers-file $(RUNS)/bench/answers.jsonl --max-new-tokens 128
+		--image-folder $(BENCH)/images --answers-file $(RUNS)/bench/answers.jsonl --max-new-tokens 128 --batch-size 8
 	$(BIN)/llava-uta-bench review --question $(BENCH)/questions.jsonl --context $(BENCH)/context.jsonl \
 		--answer-list $(BENCH)/answers_gpt4.jsonl $(RUNS)/bench/answers.jsonl --output $(RUNS)/bench/reviews.jsonl \
 		--judge shapes --ground-truth $(BENCH)/ground_truth.jsonl

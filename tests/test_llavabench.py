@@ -115,6 +115,16 @@ def test_answer_records_resume_and_chunks(bench, model_dir, tmp_path):
     assert get_chunk(list(range(10)), 3, 2) == [8, 9] and get_chunk(list(range(10)), 3, 0) == [0, 1, 2, 3]
 
 
+def test_batched_answers_equal_one_by_one_greedy_answers(bench, model_dir, tmp_path):
+    loaded = load_pretrained_model(model_dir, device="cpu")
+    questions = read_jsonl(bench / "questions.jsonl")[:5]  # prompts of different lengths: left padding matters
+    single, batched = tmp_path / "single.jsonl", tmp_path / "batched.jsonl"
+    answer_questions(loaded, questions, bench / "images", single, "tiny", max_new_tokens=6)
+    answer_questions(loaded, questions, bench / "images", batched, "tiny", max_new_tokens=6, batch_size=3)
+    assert [r["text"] for r in read_jsonl(batched)] == [r["text"] for r in read_jsonl(single)]
+    assert len({len(q["text"]) for q in questions}) > 1
+
+
 class _Judge:
     """A chat-completions endpoint that misbehaves on purpose: `script` lists one behaviour per request."""
 

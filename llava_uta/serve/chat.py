@@ -152,15 +152,9 @@ class ChatSession:
         self.turns += [question, text]
 
     def _inputs(self, prompt: str) -> dict[str, torch.Tensor]:
-        model = self.loaded.model
         if self.image is None:
-            inputs = self.loaded.tokenizer(prompt, return_tensors="pt")
-        else:
-            inputs = self.loaded.processor(images=self.image, text=prompt, return_tensors="pt")
-        inputs = {k: v.to(model.device) for k, v in inputs.items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        return inputs
+            return to_model(self.loaded.tokenizer(prompt, return_tensors="pt"), self.loaded.model)
+        return to_model(self.loaded.processor(images=self.image, text=prompt, return_tensors="pt"), self.loaded.model)
 
     def _generate_kwargs(self, settings: GenerationSettings) -> dict:
         config = copy.deepcopy(self.loaded.model.generation_config)
@@ -174,3 +168,39 @@ class ChatSession:
             pad_token_id=self.loaded.tokenizer.pad_token_id,
         )
         return {"generation_config": config, "tokenizer": self.loaded.tokenizer}
+
+
+def to_model(inputs, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Processor outputs on the model's device, pixels in its dtype."""
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return inputs
+
+
+def answer_many(
+    loaded: LoadedModel,
+    pairs: list[tuple[Image.Image, str]],
+    conv_mode: str | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 512,
+) -> list[str]:
+    """Single-turn answers to several (image, question) pairs in one left-padded `generate` call.
+
+    The prompts are exactly those of a fresh ChatSession per pair, so (greedy) answers match `answer()`.
+    """
+    sessions = [ChatSession(loaded, conv_mode, image) for image, _ in pairs]
+    prompts = [session.prompt(question) for session, (_, question) in zip(sessions, pairs, strict=True)]
+    tokenizer = loaded.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # new tokens must follow every prompt directly
+    try:
+        batch = loaded.processor(images=[s.image for s in sessions], text=prompts, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = side
+    inputs = to_model(batch, loaded.model)
+    settings = GenerationSettings(temperature, top_p, max_new_tokens)
+    with torch.inference_mode():
+        output = loaded.model.generate(**inputs, **sessions[0]._generate_kwargs(settings))
+    texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [final_text(text, sessions[0].stop) for text in texts]

@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from llava_uta.eval.llavabench.jsonl import AppendLog, read_jsonl
-from llava_uta.serve.chat import ChatSession
+from llava_uta.serve.chat import ChatSession, answer_many
 from llava_uta.serve.loader import LoadedModel, add_model_arguments, load_from_args
 
 logger = logging.getLogger(__name__)
@@ -41,27 +41,36 @@ def answer_questions(
     temperature: float = 0.0,
     top_p: float = 1.0,
     max_new_tokens: int = 1024,
+    batch_size: int = 1,
 ) -> int:
-    """Append an answer record for every question not answered yet; returns how many were written."""
+    """Append an answer record for every question not answered yet; returns how many were written.
+
+    With batch_size > 1, questions are answered `batch_size` at a time in one left-padded generate call.
+    """
     log = AppendLog(answers_file)
     todo = [q for q in questions if q["question_id"] not in log.done_ids]
     logger.info("%d questions, %d already answered in %s", len(questions), len(questions) - len(todo), answers_file)
-    session = ChatSession(loaded, conv_mode)
+    conv_mode = conv_mode or loaded.conv_mode
     settings = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
-    for question in todo:
-        with Image.open(Path(image_folder, question["image"])) as image:
-            session.reset(image)
-        text = session.answer(question["text"], **settings)
-        log.append(
-            {
-                "question_id": question["question_id"],
-                "prompt": question["text"],
-                "text": text,
-                "answer_id": uuid.uuid4().hex,
-                "model_id": model_id,
-                "metadata": {"conv_mode": session.conv_mode, **settings},
-            }
-        )
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        images = [Image.open(Path(image_folder, q["image"])).convert("RGB") for q in chunk]
+        pairs = list(zip(images, [q["text"] for q in chunk], strict=True))
+        if batch_size == 1:
+            texts = [ChatSession(loaded, conv_mode, images[0]).answer(chunk[0]["text"], **settings)]
+        else:
+            texts = answer_many(loaded, pairs, conv_mode, **settings)
+        for question, text in zip(chunk, texts, strict=True):
+            log.append(
+                {
+                    "question_id": question["question_id"],
+                    "prompt": question["text"],
+                    "text": text,
+                    "answer_id": uuid.uuid4().hex,
+                    "model_id": model_id,
+                    "metadata": {"conv_mode": conv_mode, **settings},
+                }
+            )
     return len(todo)
 
 
@@ -76,6 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=1024)
     parser.add_argument("--num-chunks", type=int, default=1)
     parser.add_argument("--chunk-idx", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=1, help="questions per generate call (left-padded)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -90,5 +100,6 @@ def run(args: argparse.Namespace) -> None:
         args.temperature,
         args.top_p,
         args.max_new_tokens,
+        args.batch_size,
     )
     print(f"answered {written} questions -> {args.answers_file}")
