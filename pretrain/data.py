@@ -77,10 +77,16 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class MaskedViews(Dataset):
-    """(image tensor, keep indices) per sample, both drawn from a per-(epoch, index) seed."""
+    """(image tensor, keep indices[, cached teacher targets]) per sample, drawn from per-(epoch, index) seeds.
 
-    def __init__(self, source: Dataset, transform, masks: KeepIndexGenerator, seed: int = 0):
+    With `views` V (a fixed-view schedule, for the teacher cache) epoch e shows view e mod V of every image, so
+    the teacher's targets for each view can be computed once; the masks still change every epoch.
+    """
+
+    def __init__(self, source: Dataset, transform, masks: KeepIndexGenerator, seed: int = 0,
+                 views: int | None = None, targets=None):
         self.source, self.transform, self.masks, self.seed = source, transform, masks, seed
+        self.views, self.targets = views, targets
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -89,14 +95,22 @@ class MaskedViews(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.source[index][0]
-        seed = sample_seed(self.seed, self.epoch, index)
+    def view_number(self, epoch: int) -> int:
+        return epoch % self.views if self.views else epoch
+
+    def view(self, index: int, view_number: int) -> torch.Tensor:
+        """The augmented view `view_number` of image `index` (the same tensor every time it is asked for)."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            view = self.transform(image)
-        self.masks.seed(seed)
-        return view, self.masks()
+            torch.manual_seed(sample_seed(self.seed, view_number, index))
+            return self.transform(self.source[index][0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        view_number = self.view_number(self.epoch)
+        self.masks.seed(sample_seed(self.seed, self.epoch, index))
+        sample = (self.view(index, view_number), self.masks())
+        if self.targets is not None:
+            sample += (self.targets.get(view_number, index),)
+        return sample
 
 
 class EpochSampler(Sampler[int]):

@@ -31,6 +31,7 @@ from pretrain.data import EpochSampler, MaskedViews, image_source, train_transfo
 from pretrain.masking import MASKING_KINDS, KeepIndexGenerator
 from pretrain.objectives import OBJECTIVES, objective_loss
 from pretrain.teacher import CLIPTeacher, load_clip
+from pretrain.teacher_cache import TeacherCache
 from pretrain.zeroshot import ZeroShotProbe
 
 
@@ -79,6 +80,9 @@ class PretrainArguments:
     eval_classnames: str | None = None
     eval_templates: str | None = None
     peak_tflops: float | None = field(default=None, metadata={"help": "hardware peak, to report the fraction"})
+    teacher_cache: str | None = field(default=None, metadata={"help": "folder of precomputed teacher targets "
+                                      "(built on first use); implies a fixed-view schedule"})
+    cache_views: int = field(default=1, metadata={"help": "fixed views per image with --teacher_cache"})
     local_rank: int = -1
 
 
@@ -128,6 +132,8 @@ class Pretrainer:
         masks = KeepIndexGenerator(self.grid, args.mask_ratio, args.masking)
         views = train_transform(student.cfg.img_size, (args.crop_min_scale, 1.0), args.flip)
         self.dataset = MaskedViews(image_source(args.data_path), views, masks, args.seed)
+        if args.teacher_cache:
+            self.dataset.views, self.dataset.targets = args.cache_views, self._teacher_cache()
         per_rank_batch = args.batch_size // self.world
         if args.batch_size % (self.world * args.micro_batch_size):
             raise ValueError(f"--batch_size {args.batch_size} must be a multiple of world size {self.world} "
@@ -149,6 +155,22 @@ class Pretrainer:
         self.step = 0
 
     # ---- setup helpers
+
+    def _teacher_cache(self) -> TeacherCache:
+        """The cache of this teacher's targets for every (fixed view, image), built now if incomplete."""
+        args = self.args
+        cache = TeacherCache(args.teacher_cache)
+        description = cache.describe(
+            teacher=args.teacher, teacher_pretrained=args.teacher_pretrained, precision=args.teacher_precision,
+            data_path=str(Path(args.data_path).resolve()), num_images=len(self.dataset), views=args.cache_views,
+            image_size=self.student.cfg.img_size, grid=list(self.grid), crop_min_scale=args.crop_min_scale,
+            flip=args.flip, seed=args.seed)
+        if not cache.is_complete(description):
+            if (cache.root / "cache.json").is_file():
+                raise ValueError(f"{cache.root} caches other targets (cache.json differs): use another folder")
+            cache.build(self.dataset, self.teacher, self.grid, args.cache_views, description, self.device,
+                        rank=self.rank, world=self.world)
+        return cache
 
     def _deepspeed_engine(self):
         import deepspeed
@@ -177,11 +199,12 @@ class Pretrainer:
 
     # ---- one optimizer step
 
-    def micro_step(self, images: torch.Tensor, keep: torch.Tensor) -> tuple[float, dict, float]:
+    def micro_step(self, images: torch.Tensor, keep: torch.Tensor, cached: torch.Tensor | None = None
+                   ) -> tuple[float, dict, float]:
         """Forward + backward of one micro-batch; returns the loss, its stats and the teacher's seconds."""
         images, keep = images.to(self.device, non_blocking=True), keep.to(self.device, non_blocking=True)
         start = time.perf_counter()
-        targets = self.teacher(images, self.grid)
+        targets = self.teacher(images, self.grid) if cached is None else cached.to(self.device).float()
         teacher_seconds = time.perf_counter() - start
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16)
         model = self.unwrapped
@@ -278,8 +301,8 @@ class Pretrainer:
                 start = time.perf_counter()
                 losses, stats, teacher_s, tokens = [], {}, 0.0, 0
                 for _ in range(self.accum):
-                    images, keep = next(batches)
-                    loss, stats, seconds = self.micro_step(images, keep)
+                    images, keep, *cached = next(batches)
+                    loss, stats, seconds = self.micro_step(images, keep, *cached)
                     losses.append(loss)
                     teacher_s += seconds
                     tokens += images.shape[0] * (1 + (keep.shape[1] if args.objective == "uta" else self.grid[0] ** 2))

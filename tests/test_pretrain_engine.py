@@ -166,3 +166,29 @@ def test_two_deepspeed_ranks_follow_one_process(world, teacher_dir, tmp_path):
     assert len(losses[0]) == len(losses[1]) == 4
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)
     assert losses[0][-1] < losses[0][0]
+
+
+def test_teacher_cache_replaces_the_teacher_for_fixed_views(world, teacher_dir, tmp_path):
+    cache = tmp_path / "cache"
+    trainer = Pretrainer(engine_args(world, teacher_dir, tmp_path / "cached", teacher_cache=str(cache),
+                                     cache_views=2, drop_path=0.0))
+    shards = sorted(cache.glob("view*_shard*.safetensors"))
+    assert [p.name for p in shards] == ["view000_shard00000.safetensors", "view001_shard00000.safetensors"]
+    manifest = json.loads((cache / "cache.json").read_text())
+    assert manifest["views"] == 2 and manifest["num_images"] == 64
+    images, keep, cached = trainer.dataset[5]
+    assert cached.dtype == torch.float16 and cached.shape == (17, 32)
+    with torch.no_grad():
+        expected = trainer.teacher(images[None], trainer.grid)[0]
+    assert torch.allclose(cached.float(), expected, atol=2e-3, rtol=2e-3)
+    trainer.dataset.set_epoch(3)  # view 3 mod 2 = 1: another crop, its own targets
+    assert torch.equal(trainer.dataset[5][2], trainer.dataset.targets.get(1, 5))
+    cached_log = trainer.train()
+
+    plain = Pretrainer(engine_args(world, teacher_dir, tmp_path / "plain", drop_path=0.0)).train()
+    assert cached_log["final_loss"] == pytest.approx(plain["final_loss"], abs=5e-3)  # epoch 0 = view 0 either way
+    stamp = shards[0].stat().st_mtime_ns
+    Pretrainer(engine_args(world, teacher_dir, tmp_path / "again", teacher_cache=str(cache), cache_views=2))
+    assert shards[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+    with pytest.raises(ValueError, match="caches other targets"):
+        Pretrainer(engine_args(world, teacher_dir, tmp_path / "other", teacher_cache=str(cache), cache_views=3))
