@@ -141,6 +141,10 @@ def train(argv: list[str] | None = None) -> LLaVATrainer:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     set_seed(training_args.seed)
+    if training_args.deepspeed:  # join DeepSpeed's process group before loading: ZeRO-3 partitions weights on load
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     model, tokenizer, tower_processor = load_model(model_args, training_args)
     model = prepare_model(model, model_args, training_args)
     processor = make_processor(model, tokenizer, tower_processor, data_args.image_aspect_ratio)
