@@ -101,6 +101,7 @@ $(BENCH_SUMMARY): $(STAGE2)
 		--markdown $(BENCH_SUMMARY)
 
 test: $(STAMP)
+	sh tests/install_chromium.sh || echo "no Chromium (needs root): the browser test will be skipped"
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -81,6 +81,30 @@ def test_streamed_answer_equals_the_greedy_answer(stage2, folders):
     assert streamed == whole and whole
 
 
+def test_cancel_stops_generation_and_keeps_the_partial_answer(stage2, folders):
+    config = stage2.model.generation_config
+    config.min_new_tokens, old = 200, config.min_new_tokens  # no early end of sequence: only cancel can stop it
+    try:
+        whole = _session(stage2, folders).answer("What is in the image?", max_new_tokens=200)
+        session = _session(stage2, folders)
+        stream = session.ask("What is in the image?", temperature=0, max_new_tokens=200)
+        first = next(stream)
+        session.cancel()
+        partial = first + "".join(stream)
+    finally:
+        config.min_new_tokens = old
+    assert whole.startswith(partial) and 0 < len(partial) < len(whole)
+    assert session.turns == ["What is in the image?", partial]
+
+
+def test_closing_the_stream_stops_generation(stage2, folders):
+    session = _session(stage2, folders)
+    stream = session.ask("What is in the image?", temperature=0, max_new_tokens=200)
+    next(stream)
+    stream.close()  # what a front end does when its user stops listening
+    assert session._cancel.is_set() and session.turns == []
+
+
 def test_multi_turn_prompt_is_the_template_rendering(stage2, folders):
     session = _session(stage2, folders, conv_mode="vicuna_v1")
     first = session.answer("What is in the image?", max_new_tokens=5)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
-from transformers import TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from llava_uta.constants import DEFAULT_IMAGE_TOKEN
 from llava_uta.conversation import generation_prompt, get_template
@@ -62,6 +62,16 @@ def safe_prefix(raw: str, stop: str | None) -> str:
     return text
 
 
+class Cancelled(StoppingCriteria):
+    """Stops `generate` once the event is set (from another thread)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 @dataclass
 class ChatSession:
     """A conversation about (at most) one image; all model logic of serving and evaluation."""
@@ -76,6 +86,11 @@ class ChatSession:
         self.stop = get_template(self.conv_mode).stop_str
         if self.image is not None:
             self.image = self.image.convert("RGB")
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop the answer being streamed (from any thread); what it said so far joins the history."""
+        self._cancel.set()
 
     def reset(self, image: Image.Image | None = None) -> None:
         """Forget the conversation; a new image (if given) replaces the old one."""
@@ -124,12 +139,15 @@ class ChatSession:
         streamer = TextIteratorStreamer(
             self.loaded.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=STREAM_TIMEOUT_S
         )
+        self._cancel = cancel = threading.Event()
+        kwargs = {**self._generate_kwargs(settings), "streamer": streamer,
+                  "stopping_criteria": StoppingCriteriaList([Cancelled(cancel)])}
         failure: list[BaseException] = []
 
         def run() -> None:
             try:
                 with torch.inference_mode():
-                    self.loaded.model.generate(**inputs, **self._generate_kwargs(settings), streamer=streamer)
+                    self.loaded.model.generate(**inputs, **kwargs)
             except BaseException as err:  # handed to the consumer below instead of dying silently in the thread
                 failure.append(err)
                 streamer.end()
@@ -137,13 +155,16 @@ class ChatSession:
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
         raw, sent = "", 0
-        for piece in streamer:
-            raw += piece
-            ready = safe_prefix(raw, self.stop)
-            if len(ready) > sent:
-                yield ready[sent:]
-                sent = len(ready)
-        thread.join()
+        try:
+            for piece in streamer:
+                raw += piece
+                ready = safe_prefix(raw, self.stop)
+                if len(ready) > sent:
+                    yield ready[sent:]
+                    sent = len(ready)
+        finally:  # also when the consumer stops iterating early: generation stops with it
+            cancel.set()
+            thread.join()
         if failure:
             raise failure[0]
         text = final_text(raw, self.stop)

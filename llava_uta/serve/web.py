@@ -1,0 +1,161 @@
+"""Gradio web demo: chat about an uploaded image, answers streamed from one shared model.
+
+    llava-uta-web --model-path checkpoints/llava-uta                       # http://127.0.0.1:7860
+    llava-uta-web --model-path checkpoints/llava-uta-lora --host 0.0.0.0 --port 8000 --concurrency 4
+    llava-uta-web --model-path checkpoints/llava-uta --shapes-dir playground/data/shapes --share
+
+Each browser session keeps its own ChatSession (in a gr.State) over the one loaded model; all generation goes
+through it. A new image, a new preprocessing mode or "Clear" starts a new conversation. Requests wait in
+Gradio's queue, `--concurrency` of them generating at a time. The named endpoint `/chat` answers one question
+about one image for scripts:
+
+    from gradio_client import Client, handle_file
+    Client("http://127.0.0.1:7860/").predict(handle_file("cat.png"), "What is it?", 0.0, 1.0, 64, "crop",
+                                             api_name="/chat")
+"""
+
+import argparse
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+from gradio import FileData
+
+from llava_uta.serve.chat import ChatSession
+from llava_uta.serve.examples import example_rows
+from llava_uta.serve.images import MODES, open_upload, prepare
+from llava_uta.serve.loader import LoadedModel, add_model_arguments, load_from_args
+
+Messages = list[dict[str, str]]
+ROLES = ("user", "assistant")
+
+
+@dataclass
+class ImageChat:
+    """What the UI needs from the model: new sessions over the shared model, fed preprocessed images."""
+
+    loaded: LoadedModel
+    conv_mode: str | None = None
+
+    @property
+    def pad_color(self) -> tuple[int, int, int]:
+        mean = getattr(self.loaded.processor.image_processor, "image_mean", (0.5, 0.5, 0.5))
+        return tuple(round(255 * m) for m in mean)
+
+    def session(self, image_path: str | None, mode: str) -> ChatSession:
+        """A new conversation about the image at `image_path` (none: text only); raises gr.Error for a bad file."""
+        try:
+            image = prepare(open_upload(image_path), mode, self.pad_color) if image_path else None
+        except ValueError as err:
+            raise gr.Error(str(err)) from err
+        return ChatSession(self.loaded, self.conv_mode, image)
+
+
+def to_messages(turns: list[str]) -> Messages:
+    return [{"role": ROLES[i % 2], "content": text} for i, text in enumerate(turns)]
+
+
+def stream_turn(history: Messages, question: str, pieces: Iterator[str]) -> Iterator[Messages]:
+    """The chat after `history`, with `question` and its answer growing piece by piece."""
+    answer = ""
+    try:
+        yield [*history, *to_messages([question, answer])]
+        for piece in pieces:
+            answer += piece
+            yield [*history, *to_messages([question, answer])]
+    except ValueError as err:  # invalid generation settings
+        raise gr.Error(str(err)) from err
+
+
+def build_demo(bot: ImageChat, examples: list[list[str]]) -> gr.Blocks:
+    with gr.Blocks(title="LLaVA-UTA") as demo:
+        gr.Markdown("# LLaVA-UTA\nUpload an image and ask about it. A new image starts a new conversation.")
+        session = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.Image(type="filepath", image_mode=None, label="Image", elem_id="image")
+                mode = gr.Radio(list(MODES), value="crop", label="Make non-square images square by")
+                with gr.Accordion("Parameters", open=False):
+                    temperature = gr.Slider(0.0, 1.0, value=0.2, step=0.1, label="Temperature (0 = greedy)")
+                    top_p = gr.Slider(0.1, 1.0, value=0.7, step=0.05, label="Top P")
+                    max_new_tokens = gr.Slider(16, 1024, value=512, step=16, label="Max output tokens")
+            with gr.Column(scale=2):
+                chat = gr.Chatbot(label="Chat", height=480, elem_id="chat")
+                message = gr.Textbox(placeholder="Ask about the image and press Enter", label="Message",
+                                     elem_id="message")
+                with gr.Row():
+                    send = gr.Button("Send", variant="primary", elem_id="send")
+                    regenerate = gr.Button("Regenerate", elem_id="regenerate")
+                    stop = gr.Button("Stop", elem_id="stop")
+                    clear = gr.Button("Clear", elem_id="clear")
+        gr.Examples(examples, inputs=[image, message], label="Examples")
+
+        def respond(image_path, text, state, mode_name, temp, p, max_tokens):
+            if not text.strip():
+                raise gr.Error("Type a question first.")
+            state = state or bot.session(image_path, mode_name)
+            history = to_messages(state.turns)
+            for messages in stream_turn(history, text, state.ask(text, temp, p, int(max_tokens))):
+                yield "", messages, state
+
+        def redo(state, temp, p, max_tokens):
+            if state is None or not state.turns:
+                raise gr.Error("Nothing to regenerate yet.")
+            question = state.turns[-2]
+            pieces = state.regenerate(temp, p, int(max_tokens))  # drops the last answer now
+            for messages in stream_turn(to_messages(state.turns), question, pieces):
+                yield messages, state
+
+        settings = [mode, temperature, top_p, max_new_tokens]
+        ask_inputs, ask_outputs = [image, message, session, *settings], [message, chat, session]
+        asks = [event(respond, ask_inputs, ask_outputs, api_visibility="private") for event in
+                (message.submit, send.click)]
+        redo_event = regenerate.click(redo, [session, *settings[1:]], [chat, session], api_visibility="private")
+        def halt(state):
+            if state is not None:
+                state.cancel()  # ends the generation; the partial answer stays in the conversation
+
+        stop.click(halt, [session], None, cancels=[*asks, redo_event], api_visibility="private")
+        for restart in (clear.click, image.change, mode.change):
+            restart(lambda: ([], None), None, [chat, session], api_visibility="private")
+
+        def chat_api(
+            image: FileData | None,
+            message: str,
+            temperature: float = 0.2,
+            top_p: float = 0.7,
+            max_new_tokens: int = 512,
+            mode: str = "crop",
+        ) -> Iterator[str]:
+            """One question about one image in a fresh conversation; yields the answer so far, then all of it."""
+            state = bot.session(image["path"] if image else None, mode)
+            pieces = state.ask(message, temperature, top_p, int(max_new_tokens))
+            for messages in stream_turn([], message, pieces):
+                yield messages[-1]["content"]
+
+        gr.api(chat_api, api_name="chat")
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="llava-uta-web", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    parser.add_argument("--concurrency", type=int, default=2, help="requests generating at the same time")
+    parser.add_argument("--shapes-dir", type=Path, help="a ShapesWorld folder whose bench images become examples")
+    args = parser.parse_args(argv)
+
+    examples = example_rows(Path(tempfile.mkdtemp(prefix="llava-uta-examples-")), args.shapes_dir)
+    demo = build_demo(ImageChat(load_from_args(args), args.conv_mode), examples)
+    demo.queue(default_concurrency_limit=args.concurrency)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
+
+
+if __name__ == "__main__":
+    main()
