@@ -43,12 +43,26 @@ class OpenCLIPText(nn.Module):
         return self.clip.encode_text(tokens)
 
 
+def create_openclip(name: str, weights: str | os.PathLike | None = None) -> nn.Module:
+    """An open_clip model: NAME (weights from a local file, loaded with weights_only=True) or local-dir:PATH.
+
+    Nothing is downloaded: a weights argument that is not a file (e.g. a tag such as "openai") is refused.
+    """
+    name = name.removeprefix("openclip:")
+    if name.startswith("local-dir:"):
+        if weights:
+            raise ValueError(f"{name} holds its own weights: do not also give a weights file ({weights})")
+    elif name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {name!r} (see open_clip.list_models(), or use local-dir:PATH)")
+    if weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"open_clip weights {weights}: no such file (weights are only read from local files)")
+    return open_clip.create_model(name, pretrained=str(weights) if weights else None, require_pretrained=bool(weights))
+
+
 def load_openclip(spec: str, weights: str | os.PathLike | None) -> ZeroShotModel:
     """openclip:NAME (weights from a local file, loaded with weights_only=True) or openclip:local-dir:PATH."""
     name = spec.removeprefix("openclip:")
-    if not name.startswith("local-dir:") and name not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip model {name!r} (see open_clip.list_models(), or use local-dir:PATH)")
-    model = open_clip.create_model(name, pretrained=str(weights) if weights else None, require_pretrained=bool(weights))
+    model = create_openclip(name, weights)
     cfg = open_clip.get_model_preprocess_cfg(model)
     size = cfg.get("size", 224)
     return ZeroShotModel(

@@ -4,6 +4,7 @@
     llava-uta-convert runs/uta/student.safetensors towers/uta-student      # a pre-training student (+ .json)
     llava-uta-convert runs/uta/student.safetensors uta_student.safetensors --to official \
         --text-model local-dir:runs/teacher                                 # the released key layout
+    llava-uta-convert --from-open-clip local-dir:runs/teacher towers/teacher   # an open_clip ViT CLIP, for comparison
 
 The folder loads with `AutoModel.from_pretrained` / `AutoImageProcessor.from_pretrained` once `llava_uta` is
 imported, and serves as the vision tower of a Llava model.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
@@ -26,14 +28,19 @@ from llava_uta.model.official import export_official, load_official_visual
 from llava_uta.model.uta_vit import UTAViT
 
 
-def clip_image_processor(image_size: int) -> CLIPImageProcessor:
-    """Bicubic short-side resize, centre crop, OpenAI CLIP mean/std: the UTA evaluation preprocessing."""
+def clip_image_processor(
+    image_size: int,
+    mean: Sequence[float] = OPENAI_DATASET_MEAN,
+    std: Sequence[float] = OPENAI_DATASET_STD,
+    resample: PILImageResampling = PILImageResampling.BICUBIC,
+) -> CLIPImageProcessor:
+    """Short-side resize, centre crop, normalise; the defaults (bicubic, OpenAI CLIP mean/std) are UTA's evaluation."""
     return CLIPImageProcessor(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
-        resample=PILImageResampling.BICUBIC,
-        image_mean=list(OPENAI_DATASET_MEAN),
-        image_std=list(OPENAI_DATASET_STD),
+        resample=resample,
+        image_mean=list(mean),
+        image_std=list(std),
     )
 
 
@@ -70,15 +77,30 @@ def export_to_official(checkpoint: str | os.PathLike, out_file: str | os.PathLik
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="released UTA checkpoint, or student .safetensors with its .json")
+    parser.add_argument("checkpoint", nargs="?",
+                        help="released UTA checkpoint, or student .safetensors with its .json")
     parser.add_argument("out", help="tower folder to write (--to hf), or a .safetensors file (--to official)")
+    parser.add_argument("--from-open-clip", metavar="NAME",
+                        help="convert this open_clip ViT CLIP (local-dir:PATH, or a name such as ViT-B-16 with "
+                        "--open-clip-pretrained) to a transformers CLIP vision tower instead of a UTA checkpoint")
+    parser.add_argument("--open-clip-pretrained", metavar="PATH", help="with --from-open-clip NAME: its weights file")
     parser.add_argument("--kind", choices=("auto", "official", "student"), default="auto")
     parser.add_argument("--to", choices=("hf", "official"), default="hf",
                         help="a transformers vision-tower folder, or the released UTA key layout")
     parser.add_argument("--text-model", help="with --to official: open_clip model (e.g. local-dir:runs/teacher) "
                         "whose text tower is written as text.*")
     args = parser.parse_args(argv)
-    if args.to == "official":
+    if (args.checkpoint is None) == (args.from_open_clip is None):
+        parser.error("give either a UTA checkpoint or --from-open-clip NAME")
+    if args.open_clip_pretrained and not args.from_open_clip:
+        parser.error("--open-clip-pretrained needs --from-open-clip NAME")
+    if args.from_open_clip:
+        if args.to != "hf":
+            parser.error("--from-open-clip writes a transformers tower folder only (--to hf)")
+        from llava_uta.model.openclip_tower import convert_open_clip  # it imports clip_image_processor from here
+
+        out = convert_open_clip(args.from_open_clip, args.out, args.open_clip_pretrained)
+    elif args.to == "official":
         out = export_to_official(args.checkpoint, args.out, args.text_model, args.kind)
     else:
         out = convert(args.checkpoint, args.out, args.kind)
