@@ -1,9 +1,11 @@
-"""LLaVA training end to end on tiny parts: stage 1, stage 2, LoRA + merge, resume, DeepSpeed ZeRO-2 on 2 ranks."""
+"""LLaVA training end to end on tiny parts: stage 1, stage 2, LoRA + merge, resume; DeepSpeed ZeRO-2 and ZeRO-3
+(stages 1 and 2, relaunch from checkpoint-N) on 2 CPU ranks."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from llava_uta.model.projector import load_llava_projector, read_weights
 from llava_uta.train.merge_lora import load_lora_model, merge_lora
 from llava_uta.train.train import train
 
+ROOT = Path(__file__).resolve().parents[1]
 LLAVA_KEYS = {
     "linear": {"model.mm_projector.weight", "model.mm_projector.bias"},
     "mlp2x_gelu": {f"model.mm_projector.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")},
@@ -190,6 +193,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _deepspeed(target: list[str], args: list[str]) -> None:
+    """Launch on 2 CPU ranks as the docs do; target: ["--module", "llava_uta.train"] or a script and its flags."""
+    launcher = Path(sys.executable).parent / "deepspeed"
+    command = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), *target, *args]
+    env = {**os.environ, "PATH": f"{launcher.parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def _trainer_state(out: Path) -> tuple[int, list[float]]:
+    state = json.loads((out / "trainer_state.json").read_text())
+    return state["global_step"], [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
 @pytest.mark.deepspeed
 def test_deepspeed_zero2_on_two_cpu_ranks(parts, stage1, tmp_path):
     """Two ranks really share the data: 32 samples / (4 per rank x 2 ranks) = 4 steps for one epoch."""
@@ -201,24 +218,83 @@ def test_deepspeed_zero2_on_two_cpu_ranks(parts, stage1, tmp_path):
         "--num_train_epochs=1",
         "--deepspeed=scripts/zero2.json",
     ]
-    launcher = Path(sys.executable).parent / "deepspeed"
-    command = [
-        str(launcher),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        "--module",
-        "llava_uta.train",
-        *args,
-    ]
-    env = {**os.environ, "PATH": f"{launcher.parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
-    root = Path(__file__).resolve().parents[1]
-    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    state = json.loads((out / "trainer_state.json").read_text())
-    assert state["global_step"] == 4
-    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    _deepspeed(["--module", "llava_uta.train"], args)
+    steps, losses = _trainer_state(out)
+    assert steps == 4
     assert len(losses) == 4 and all(loss == loss for loss in losses)
     model = LlavaForConditionalGeneration.from_pretrained(out)
     assert model.config.mm_projector_type == "mlp2x_gelu"
+
+
+ZERO3 = "scripts/zero3.json"
+
+
+def _train_and_record(out: Path, args: list[str]) -> Path:
+    """Train on 2 ranks; out/record.safetensors: a batch and the logits the trained in-memory model gave on it."""
+    _deepspeed(["tests/train_and_record.py", f"--record={out / 'record.safetensors'}"], args)
+    return out
+
+
+def _recorded_logits(out: Path, model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the recorded logits of the trained in-memory model, the logits `model` gives on the recorded batch)."""
+    record = load_file(out / "record.safetensors")
+    expected = record.pop("logits")
+    with torch.no_grad():
+        return expected, model.eval()(**record).logits
+
+
+def _zero3_stage2_args(parts, out: Path, stage1_out: Path) -> list[str]:
+    """4 steps (one epoch on 2 ranks) from the ZeRO-3 stage-1 projector, checkpoint-2 and checkpoint-4 on the way."""
+    adapter = stage1_out / "mm_projector.bin"
+    extra = {"save_strategy": "steps", "save_steps": 2, "group_by_modality_length": True}
+    return _args(parts, out, stage=2, deepspeed=ZERO3, pretrain_mm_mlp_adapter=adapter, **extra)
+
+
+@pytest.fixture(scope="module")
+def zero3_stage1(parts) -> Path:
+    out = parts["root"] / "zero3_stage1"
+    return _train_and_record(out, _args(parts, out, stage=1, deepspeed=ZERO3))
+
+
+@pytest.fixture(scope="module")
+def zero3_stage2(parts, zero3_stage1) -> Path:
+    out = parts["root"] / "zero3_stage2"
+    return _train_and_record(out, _zero3_stage2_args(parts, out, zero3_stage1))
+
+
+@pytest.mark.deepspeed
+def test_deepspeed_zero3_stage1_saves_the_trained_projector(parts, zero3_stage1):
+    """Under ZeRO-3 every weight is partitioned; mm_projector.bin must hold the full trained projector."""
+    _, losses = _trainer_state(zero3_stage1)
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    model = _reference(parts, "mlp2x_gelu")
+    state = read_weights(zero3_stage1 / "mm_projector.bin")
+    assert set(state) == LLAVA_KEYS["mlp2x_gelu"]
+    load_llava_projector(model.model.multi_modal_projector, state, "mlp2x_gelu")
+    expected, reloaded = _recorded_logits(zero3_stage1, model)  # the LM and the tower are the untouched originals
+    torch.testing.assert_close(reloaded, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.deepspeed
+def test_deepspeed_zero3_stage2_saves_full_weights(zero3_stage2):
+    steps, losses = _trainer_state(zero3_stage2)
+    assert steps == 4 and losses[-1] < losses[0] - 0.1
+    model = LlavaForConditionalGeneration.from_pretrained(zero3_stage2)
+    expected, reloaded = _recorded_logits(zero3_stage2, model)
+    torch.testing.assert_close(reloaded, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.deepspeed
+def test_deepspeed_zero3_relaunch_resumes_from_the_last_checkpoint(parts, zero3_stage1, zero3_stage2, tmp_path):
+    """A run killed after checkpoint-2, relaunched unchanged, ends where the uninterrupted run ended."""
+    out = tmp_path / "relaunched"
+    shutil.copytree(zero3_stage2 / "checkpoint-2", out / "checkpoint-2")  # what the killed run left behind
+    args = _zero3_stage2_args(parts, out, zero3_stage1)
+    _deepspeed(["--module", "llava_uta.train"], args)
+    (steps, losses), (_, full_losses) = _trainer_state(out), _trainer_state(zero3_stage2)
+    assert steps == 4
+    torch.testing.assert_close(losses[-2:], full_losses[-2:], atol=1e-5, rtol=1e-5)
+    ours, full = load_file(out / "model.safetensors"), load_file(zero3_stage2 / "model.safetensors")
+    assert set(ours) == set(full)
+    for name, tensor in full.items():
+        torch.testing.assert_close(ours[name], tensor, atol=1e-6, rtol=1e-5, msg=name)

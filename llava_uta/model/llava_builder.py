@@ -29,6 +29,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
+from transformers.modeling_utils import set_zero3_state
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from llava_uta.constants import DEFAULT_IMAGE_TOKEN
@@ -58,7 +59,7 @@ def add_image_token(tokenizer) -> int:
 
 def resize_embeddings(model: PreTrainedModel, num_tokens: int) -> None:
     """Grow the input/output embeddings to `num_tokens`; new rows = mean of the old rows (deterministic)."""
-    old = model.get_input_embeddings().weight.shape[0]
+    old = model.get_input_embeddings().num_embeddings  # not weight.shape: a ZeRO-3 partitioned weight is empty
     if num_tokens <= old:
         return
     model.resize_token_embeddings(num_tokens, mean_resizing=False)
@@ -128,7 +129,9 @@ def build_llava(
         mm_vision_tower=_path_or_none(vision_tower),  # where a LoRA merge finds the base parts again
         mm_language_model=_path_or_none(language_model),
     )
-    with torch.device("meta"):  # an empty shell: the LM and the tower move in below, no weights are allocated
+    # An empty shell: the LM and the tower move in below. Under ZeRO-3 transformers would build (and initialise) the
+    # shell's own LM and tower inside deepspeed.zero.Init; marking zero.Init as entered keeps them on meta, free.
+    with torch.device("meta"), set_zero3_state():
         model = LlavaForConditionalGeneration(config)
     model.model.vision_tower = tower
     model.model.language_model = getattr(lm, lm.base_model_prefix)

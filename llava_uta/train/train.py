@@ -137,9 +137,15 @@ def resume_point(training_args: TrainingArguments) -> str | bool | None:
     return None
 
 
-def train(argv: list[str] | None = None) -> LLaVATrainer:
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def build_trainer(
+    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+) -> LLaVATrainer:
+    """The model, its data and the trainer of a run (seeded with --seed), ready for `trainer.train()`."""
     set_seed(training_args.seed)
     if training_args.deepspeed:  # join DeepSpeed's process group before loading: ZeRO-3 partitions weights on load
         import deepspeed
@@ -159,13 +165,18 @@ def train(argv: list[str] | None = None) -> LLaVATrainer:
         image_folder=data_args.image_folder,
         skip_bad_samples=data_args.skip_bad_samples,
     )
-    trainer = LLaVATrainer(
+    return LLaVATrainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
         data_collator=DataCollatorForSupervisedDataset(tokenizer.pad_token_id),
         processing_class=processor,
     )
+
+
+def train(argv: list[str] | None = None) -> LLaVATrainer:
+    model_args, data_args, training_args = parse_args(argv)
+    trainer = build_trainer(model_args, data_args, training_args)
     trainer.train(resume_from_checkpoint=resume_point(training_args))
     trainer.save_state()
     save_outputs(trainer, model_args, training_args)
