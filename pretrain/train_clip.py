@@ -28,6 +28,9 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.loss import ClipLoss
 from PIL import Image
 from safetensors.torch import save_file
+from tqdm import tqdm
+
+from llava_uta.io_utils import write_jsonl_atomic
 
 # A 1.5M-parameter CLIP for 64x64 ShapesWorld images (patch 8 -> an 8x8 token grid).
 TINY_CLIP_CFG = {
@@ -128,7 +131,8 @@ def train(train_csv: Path, out: Path, model_cfg: dict, steps: int, batch_size: i
     generator = torch.Generator().manual_seed(seed)
     log, start = [], time.perf_counter()
     model.train()
-    for step in range(steps):
+    progress = tqdm(range(steps), desc="teacher CLIP", unit="step")
+    for step in progress:
         idx = sample_batch(len(images), batch_size, group_size, generator)
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, steps, warmup, lr)
@@ -142,9 +146,9 @@ def train(train_csv: Path, out: Path, model_cfg: dict, steps: int, batch_size: i
         record = {"step": step + 1, "loss": loss.item(), "seconds": time.perf_counter() - start}
         log.append(record)
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            print(f"step {step + 1}/{steps}  loss {record['loss']:.4f}  {record['seconds']:.0f} s", flush=True)
+            progress.set_postfix(loss=f"{record['loss']:.4f}")
     save_local_dir(model, model_cfg, out)
-    (out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    write_jsonl_atomic(out / "train_log.jsonl", log)
     return log
 
 

@@ -26,6 +26,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from llava_uta.constants import DEFAULT_IMAGE_TOKEN
 from llava_uta.conversation import get_template
 from llava_uta.data.preprocess import build_conversation
+from llava_uta.io_utils import write_jsonl_atomic
 from llava_uta.model.llava_builder import add_image_token
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     losses = pretrain_lm(model, token_stream(texts, tokenizer), args.steps, args.batch_size, args.seq_len, args.lr)
     model.save_pretrained(args.out)
+    write_jsonl_atomic(Path(args.out) / "train_log.jsonl", [{"step": i + 1, "loss": x} for i, x in enumerate(losses)])
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     print(f"tiny LM: {model.num_parameters():,} params, loss {first:.3f} -> {last:.3f} in {time.time() - start:.0f} s")
     print(f"wrote {args.out}")

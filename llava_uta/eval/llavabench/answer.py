@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 from PIL import Image
+from tqdm import tqdm
 
 from llava_uta.eval.llavabench.jsonl import AppendLog, read_jsonl
 from llava_uta.serve.chat import ChatSession, answer_many
@@ -52,7 +53,7 @@ def answer_questions(
     logger.info("%d questions, %d already answered in %s", len(questions), len(questions) - len(todo), answers_file)
     conv_mode = conv_mode or loaded.conv_mode
     settings = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
-    for start in range(0, len(todo), batch_size):
+    for start in tqdm(range(0, len(todo), batch_size), desc="answers", unit="batch"):
         chunk = todo[start : start + batch_size]
         images = [Image.open(Path(image_folder, q["image"])).convert("RGB") for q in chunk]
         pairs = list(zip(images, [q["text"] for q in chunk], strict=True))

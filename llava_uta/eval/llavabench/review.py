@@ -13,6 +13,8 @@ import json
 import logging
 from pathlib import Path
 
+from tqdm import tqdm
+
 from llava_uta.eval.llavabench.jsonl import AppendLog, by_question_id, read_jsonl
 from llava_uta.eval.llavabench.judges import (
     HttpJudge,
@@ -81,7 +83,7 @@ def review_all(
     triples = pair_by_id(questions, answers1, answers2, names)
     log = AppendLog(output)
     done = log.done_ids
-    for position, (question, answer1, answer2) in enumerate(triples):
+    for position, (question, answer1, answer2) in enumerate(tqdm(triples, desc="reviews", unit="question")):
         if question["question_id"] in done:
             continue
         category = category_prefix + question["category"]

@@ -1,0 +1,1 @@
+"""`llava-uta-quickstart`: the whole UTA + LLaVA pipeline on the embedded default, in one command."""

@@ -1,0 +1,64 @@
+"""`llava-uta-quickstart`: ShapesWorld -> teacher CLIP -> UTA student -> LLaVA stages 1 and 2 -> LLaVA-Bench.
+
+    llava-uta-quickstart                 # the default profile (about 10 minutes on 2 CPU cores)
+    llava-uta-quickstart --compare       # + MIM, feature distillation and CLS-only students, block and random
+                                         #   masking, and LLaVA with the teacher's tower instead of UTA's
+    llava-uta-quickstart --fast          # a small world and a few steps per stage (tests, about 2 minutes)
+    llava-uta-quickstart --serve         # then open the web demo on the trained LLaVA
+
+Each stage is a real run of one of the project's tools; a finished stage is skipped, so Ctrl-C and rerun
+resumes. The results (markdown tables, PNG plots) go to RUNS/results.md and RUNS/plots/.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from pathlib import Path
+
+from llava_uta.quickstart.pipeline import Layout, Pipeline, RunState, run_stages
+from llava_uta.quickstart.profiles import Profile, get_profile
+from llava_uta.quickstart.report import write_report
+
+BUDGETS = [f.name for f in fields(Profile) if f.type == "int"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="llava-uta-quickstart", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fast", action="store_true", help="the small profile used by the tests")
+    parser.add_argument("--compare", action="store_true", help="also run the baselines and ablations")
+    parser.add_argument("--serve", action="store_true", help="finish by serving the web demo on the trained model")
+    parser.add_argument("--data", type=Path, help="ShapesWorld folder (default playground/data/shapes[-fast])")
+    parser.add_argument("--runs", type=Path, help="outputs (default runs/shapes[-fast])")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--host", default="127.0.0.1", help="with --serve")
+    parser.add_argument("--port", type=int, default=7860, help="with --serve")
+    for name in BUDGETS:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, help="override the profile's budget")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    name = "fast" if args.fast else "default"
+    suffix = "-fast" if args.fast else ""
+    profile = get_profile(name, **{b: getattr(args, b) for b in BUDGETS})
+    layout = Layout(args.data or Path(f"playground/data/shapes{suffix}"), args.runs or Path(f"runs/shapes{suffix}"))
+    layout.runs.mkdir(parents=True, exist_ok=True)
+    try:
+        state = RunState(layout.state, profile, name)
+    except ValueError as err:
+        raise SystemExit(f"llava-uta-quickstart: {err}") from None
+    run_stages(Pipeline(layout, profile, state, args.seed).stages(args.compare), state)
+    print("\n" + write_report(layout, state.data, name), end="")
+    print(f"results: {layout.results} (plots in {layout.plots})")
+    if args.serve:
+        from llava_uta.serve.web import main as serve
+
+        serve(["--model-path", str(layout.llava("uta", 2)), "--shapes-dir", str(layout.data),
+               "--host", args.host, "--port", str(args.port)])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""The quickstart's stages: each one a real run of one of the project's command-line tools, skipped once done.
+
+A stage is done when its output exists and `quickstart.json` in the runs folder records it; the record is
+written (atomically) only after the stage returns, so an interrupted stage runs again on the next call and
+resumes through its own tool (`uta-pretrain --resume`, the bench's append logs).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from llava_uta.io_utils import write_json_atomic
+from llava_uta.quickstart.profiles import Profile
+
+STUDENT_MODEL = "uta_tiny_p8_64"
+MASK_RATIO = 0.5
+UTA_KEPT_SHARE = 1 / (1 + 32)  # CLS share of UTA's plain-mean loss: 1 CLS + 32 kept patches of the 8x8 grid
+# name -> (uta-pretrain flags, title). Objective baselines get UTA's wall-clock; masking ablations its steps.
+STUDENTS = {
+    "uta": ([], "UTA, reversed block masking (kept = blocks)"),
+    "mim": (["--objective", "mim", "--masking", "block", "--cls_weight", str(UTA_KEPT_SHARE)],
+            "MIM (EVA-02 style, [MASK] tokens, block masking, CLS aligned too)"),
+    "fd": (["--objective", "fd"], "feature distillation (full image, every token)"),
+    "cls": (["--objective", "cls"], "CLS-only distillation (full image)"),
+    "uta-block": (["--masking", "block"], "UTA, block masking (kept = complement of blocks)"),
+    "uta-random": (["--masking", "random"], "UTA, random masking"),
+}
+EQUAL_WALL_CLOCK = ("mim", "fd", "cls")
+TOWERS = {"uta": "UTA student", "teacher": "teacher CLIP"}
+
+
+@dataclass
+class Stage:
+    key: str
+    title: str
+    output: Path  # exists once the stage is done
+    run: Callable[[], None]
+
+
+class Layout:
+    """Where every input and output of the quickstart lives."""
+
+    def __init__(self, data: Path, runs: Path):
+        self.data, self.runs = data, runs
+        self.bench = data / "eval" / "llava-bench-shapes"
+        self.teacher = runs / "teacher"
+        self.teacher_cache = runs / "teacher-cache"
+        self.lm = runs / "tiny-lm"
+        self.state = runs / "quickstart.json"
+        self.results = runs / "results.md"
+        self.plots = runs / "plots"
+
+    def student(self, name: str) -> Path:
+        return self.runs / "students" / name
+
+    def tower(self, name: str) -> Path:
+        return self.runs / "towers" / name
+
+    def llava(self, tower: str, stage: int) -> Path:
+        return self.runs / "llava" / tower / f"stage{stage}"
+
+    def reviews(self, tower: str) -> Path:
+        return self.runs / "bench" / f"{tower}.jsonl"
+
+    def answers(self, tower: str) -> Path:
+        return self.runs / "bench" / f"answers-{tower}.jsonl"
+
+
+class RunState:
+    """quickstart.json: the profile, the finished stages with their seconds, and measured step budgets."""
+
+    def __init__(self, path: Path, profile: Profile, profile_name: str):
+        self.path = path
+        wanted = {"name": profile_name, **asdict(profile)}
+        self.data = json.loads(path.read_text()) if path.is_file() else {"profile": wanted, "stages": {}, "steps": {}}
+        if self.data["profile"] != wanted:
+            raise ValueError(f"{path} records a run with other budgets ({self.data['profile']['name']} profile, "
+                             "or changed steps): use another --runs folder, or delete that one to start over")
+
+    def done(self, stage: Stage) -> bool:
+        return stage.key in self.data["stages"] and stage.output.exists()
+
+    def finish(self, stage: Stage, seconds: float) -> None:
+        self.data["stages"][stage.key] = {"title": stage.title, "seconds": round(seconds, 1)}
+        self.save()
+
+    def save(self) -> None:
+        write_json_atomic(self.path, self.data)
+
+
+def run_stages(stages: list[Stage], state: RunState) -> None:
+    """Run each stage not yet done, in order, with a header line; record its time."""
+    for i, stage in enumerate(stages, 1):
+        header = f"[{i}/{len(stages)}] {stage.title}"
+        if state.done(stage):
+            print(f"{header}: done ({stage.output})", flush=True)
+            continue
+        print(f"{header} ...", flush=True)
+        start = time.perf_counter()
+        stage.run()
+        if not stage.output.exists():
+            raise RuntimeError(f"stage {stage.key!r} finished without writing {stage.output}")
+        state.finish(stage, time.perf_counter() - start)
+        print(f"{header}: {time.perf_counter() - start:.0f} s", flush=True)
+
+
+class Pipeline:
+    """Builds the stage list of one quickstart run."""
+
+    def __init__(self, layout: Layout, profile: Profile, state: RunState, seed: int = 0):
+        self.paths, self.profile, self.state, self.seed = layout, profile, state, seed
+
+    def stages(self, compare: bool) -> list[Stage]:
+        p = self.paths
+        stages = [
+            Stage("world", "ShapesWorld (llava-uta-shapes)", p.data / "manifest.json", self.make_world),
+            Stage("teacher", "teacher CLIP (llava-uta-train-clip)", p.teacher / "open_clip_config.json",
+                  self.train_teacher),
+            self.student_stage("uta"),
+            Stage("tower-uta", "UTA student -> LLaVA tower (llava-uta-convert)", p.tower("uta") / "config.json",
+                  self.convert_student),
+            Stage("lm", "tokenizer + tiny Llama (llava-uta-tiny-lm)", p.lm / "model.safetensors", self.train_lm),
+            *self.llava_stages("uta"),
+        ]
+        if compare:
+            stages += [self.student_stage(name) for name in STUDENTS if name != "uta"]
+            stages += [Stage("tower-teacher", "teacher CLIP -> LLaVA tower (llava-uta-convert --from-open-clip)",
+                             p.tower("teacher") / "config.json", self.convert_teacher),
+                       *self.llava_stages("teacher")]
+        return stages
+
+    # ---- ShapesWorld, teacher, language model
+
+    def make_world(self) -> None:
+        from llava_uta.data.shapes.__main__ import main
+
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in self.profile.world.items()]
+        main(["--out", str(self.paths.data), "--seed", str(self.seed), *flags])
+
+    def train_teacher(self) -> None:
+        from pretrain.train_clip import main
+
+        main(["--train-csv", str(self.paths.data / "clip" / "captions.csv"), "--out", str(self.paths.teacher),
+              "--steps", str(self.profile.teacher_steps), "--batch-size", str(self.profile.teacher_batch),
+              "--group-size", "4", "--seed", str(self.seed)])
+
+    def train_lm(self) -> None:
+        from llava_uta.train.tiny_lm import main
+
+        main(["--corpus", str(self.paths.data / "text" / "corpus.txt"), "--chat_json",
+              str(self.paths.data / "llava" / "instruct.json"), "--out", str(self.paths.lm),
+              "--steps", str(self.profile.lm_steps), "--seed", str(self.seed)])
+
+    # ---- students
+
+    def student_stage(self, name: str) -> Stage:
+        flags, title = STUDENTS[name]
+        return Stage(f"student-{name}", f"student: {title} (uta-pretrain)",
+                     self.paths.student(name) / "summary.json", lambda: self.train_student(name))
+
+    def student_argv(self, flags: list[str], out: Path, steps: int, evaluate: bool = True) -> list[str]:
+        p, prof, zs = self.paths, self.profile, self.paths.data / "zeroshot"
+        argv = ["--data_path", str(p.data / "pretrain" / "train"), "--output_dir", str(out), "--resume",
+                "--teacher", f"local-dir:{p.teacher}", "--model", STUDENT_MODEL, "--mask_ratio", str(MASK_RATIO),
+                "--max_steps", str(steps), "--batch_size", str(prof.student_batch),
+                "--micro_batch_size", str(prof.student_batch), "--lr", "1e-3",
+                "--warmup_steps", str(min(prof.student_warmup, max(steps // 5, 1))), "--crop_min_scale", "0.5",
+                "--workers", "1", "--save_every", "100", "--seed", str(self.seed),
+                "--teacher_cache", str(p.teacher_cache), "--cache_views", str(prof.cache_views), *flags]
+        if evaluate:
+            argv += ["--eval_data", str(zs / "val"), "--eval_classnames", str(zs / "classnames.json"),
+                     "--eval_templates", str(zs / "templates.json")]
+        return argv
+
+    def train_student(self, name: str) -> None:
+        from pretrain.train import main
+
+        flags = STUDENTS[name][0]
+        main(self.student_argv(flags, self.paths.student(name), self.student_steps(name)))
+
+    def student_steps(self, name: str) -> int:
+        """UTA's budget; for an objective baseline, the steps that take UTA's wall-clock (timed probes)."""
+        if name not in EQUAL_WALL_CLOCK:
+            return self.profile.student_steps
+        steps = self.state.data["steps"]
+        if name not in steps:
+            ratio = self.probe_seconds_per_step("uta") / self.probe_seconds_per_step(name)
+            steps[name] = {"steps": max(1, round(self.profile.student_steps * ratio)), "time_ratio_vs_uta": ratio}
+            self.state.save()
+        return steps[name]["steps"]
+
+    def probe_seconds_per_step(self, name: str) -> float:
+        """Steady-state seconds per step of a student objective, from a short timed run (cached targets)."""
+        from pretrain.train import main
+
+        probes = self.state.data.setdefault("probes", {})
+        if name not in probes:
+            out = self.paths.runs / "probes" / name
+            shutil.rmtree(out, ignore_errors=True)
+            main(self.student_argv(STUDENTS[name][0], out, self.profile.probe_steps, evaluate=False))
+            summary = json.loads((out / "summary.json").read_text())
+            probes[name] = self.profile.student_batch / summary["images_per_s"]
+            shutil.rmtree(out)
+            self.state.save()
+        return probes[name]
+
+    # ---- LLaVA with a tower, and its LLaVA-Bench
+
+    def convert_student(self) -> None:
+        from llava_uta.model.convert import main
+
+        main([str(self.paths.student("uta") / "student.safetensors"), str(self.paths.tower("uta"))])
+
+    def convert_teacher(self) -> None:
+        from llava_uta.model.convert import main
+
+        main(["--from-open-clip", f"local-dir:{self.paths.teacher}", str(self.paths.tower("teacher"))])
+
+    def llava_stages(self, tower: str) -> list[Stage]:
+        name = TOWERS[tower]
+        return [
+            Stage(f"stage1-{tower}", f"LLaVA stage 1, {name} tower (llava-uta-train --version plain)",
+                  self.paths.llava(tower, 1) / "mm_projector.bin", lambda: self.train_llava(tower, 1)),
+            Stage(f"stage2-{tower}", f"LLaVA stage 2, {name} tower (llava-uta-train --version v1)",
+                  self.paths.llava(tower, 2) / "model.safetensors", lambda: self.train_llava(tower, 2)),
+            Stage(f"bench-{tower}", f"LLaVA-Bench, {name} tower (llava-uta-bench answer + review)",
+                  self.paths.reviews(tower), lambda: self.bench(tower)),
+        ]
+
+    def train_llava(self, tower: str, stage: int) -> None:
+        from llava_uta.train.train import train
+
+        p, prof = self.paths, self.profile
+        common = ["--model_name_or_path", str(p.lm), "--vision_tower", str(p.tower(tower)),
+                  "--mm_projector_type", "mlp2x_gelu", "--image_folder", str(p.data),
+                  "--output_dir", str(p.llava(tower, stage)), "--lr_scheduler_type", "cosine", "--logging_steps", "10",
+                  "--save_strategy", "no", "--report_to", "none", "--seed", str(self.seed),
+                  "--disable_tqdm", "False", "--log_level", "warning"]
+        if stage == 1:
+            train([*common, "--version", "plain", "--tune_mm_mlp_adapter", "True",
+                   "--data_path", str(p.data / "llava" / "pretrain.json"),
+                   "--per_device_train_batch_size", str(prof.stage1_batch), "--max_steps", str(prof.stage1_steps),
+                   "--learning_rate", "2e-3", "--warmup_steps", str(max(prof.stage1_steps // 10, 1)),
+                   "--weight_decay", "0."])
+        else:
+            train([*common, "--version", "v1", "--pretrain_mm_mlp_adapter",
+                   str(p.llava(tower, 1) / "mm_projector.bin"), "--data_path", str(p.data / "llava" / "instruct.json"),
+                   "--per_device_train_batch_size", str(prof.stage2_batch), "--max_steps", str(prof.stage2_steps),
+                   "--learning_rate", "1e-3", "--warmup_steps", str(max(prof.stage2_steps // 20, 1)),
+                   "--group_by_modality_length", "True"])
+
+    def bench(self, tower: str) -> None:
+        """Answers (resumable), then the offline review written through a partial file (its output marks done)."""
+        from llava_uta.eval.llavabench.__main__ import main
+
+        b, out = self.paths.bench, self.paths.reviews(tower)
+        main(["answer", "--model-path", str(self.paths.llava(tower, 2)), "--question-file", str(b / "questions.jsonl"),
+              "--image-folder", str(b / "images"), "--answers-file", str(self.paths.answers(tower)),
+              "--model-id", f"llava-{tower}", "--max-new-tokens", str(self.profile.bench_max_new_tokens),
+              "--batch-size", "8"])
+        partial = out.with_name(f".{out.name}.partial")
+        main(["review", "--question", str(b / "questions.jsonl"), "--context", str(b / "context.jsonl"),
+              "--answer-list", str(b / "answers_gpt4.jsonl"), str(self.paths.answers(tower)), "--output", str(partial),
+              "--judge", "shapes", "--ground-truth", str(b / "ground_truth.jsonl")])
+        partial.replace(out)

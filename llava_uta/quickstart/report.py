@@ -1,0 +1,149 @@
+"""The quickstart's results: a markdown summary with the zero-shot and LLaVA-Bench tables, and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+from llava_uta.eval.llavabench.jsonl import read_jsonl
+from llava_uta.eval.llavabench.summarize import comparison_table, plot, summarize_reviews
+from llava_uta.quickstart.pipeline import MASK_RATIO, STUDENTS, TOWERS, Layout
+from pretrain.masking import KeepIndexGenerator, render_masks
+
+GRID = 8  # the student's 8x8 patch grid (64 px, patch 8)
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return read_jsonl(path) if path.is_file() else []
+
+
+def zeroshot_rows(paths: Layout, state: dict) -> list[dict]:
+    """One row for the teacher and one per finished student: budget, compute and zero-shot accuracy."""
+    summaries = {name: _read_json(paths.student(name) / "summary.json") for name in STUDENTS}
+    summaries = {name: s for name, s in summaries.items() if s}
+    rows = []
+    teacher_log = _jsonl(paths.teacher / "train_log.jsonl")
+    reference = next(iter(summaries.values()), None)
+    if reference:
+        rows.append({"model": "teacher CLIP (frozen)", "steps": len(teacher_log),
+                     "train_s": teacher_log[-1]["seconds"] if teacher_log else None, **reference["teacher_zeroshot"]})
+    for name, summary in summaries.items():
+        rows.append({"model": STUDENTS[name][1], "steps": summary["steps"], "train_s": summary["train_seconds"],
+                     "images_per_s": summary["images_per_s"],
+                     "tflop": summary["student_tflops"] * summary["train_seconds"], **summary["zeroshot"]})
+    if rows:
+        teacher_top1 = rows[0]["top1"]
+        for row in rows[1:]:
+            row["of_teacher"] = row["top1"] / teacher_top1 if teacher_top1 else float("nan")
+    return rows
+
+
+def _cell(value, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def zeroshot_table(rows: list[dict], classes: int) -> str:
+    lines = [f"Zero-shot classification, {classes} colour x shape classes (chance {1 / classes:.3f}); students "
+             "use the teacher's text tower.", "",
+             "| model | steps | train s | img/s | student TFLOP | top-1 | top-5 | of teacher |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['steps']} | {_cell(r.get('train_s'), '.0f')} | "
+                     f"{_cell(r.get('images_per_s'), '.0f')} | {_cell(r.get('tflop'), '.2f')} | {r['top1']:.3f} | "
+                     f"{r['top5']:.3f} | {_cell(r.get('of_teacher'), '.0%')} |")
+    return "\n".join(lines)
+
+
+def loss_curves(paths: Layout) -> dict[str, list[tuple[int, float]]]:
+    """(step, loss) series of every training run that wrote a log."""
+    curves = {"teacher CLIP": [(r["step"], r["loss"]) for r in _jsonl(paths.teacher / "train_log.jsonl")]}
+    for name in STUDENTS:
+        log = _jsonl(paths.student(name) / "log.jsonl")
+        curves[f"student {name}"] = [(r["step"], r["loss"]) for r in log if "loss" in r]
+    curves["tiny LM"] = [(r["step"], r["loss"]) for r in _jsonl(paths.lm / "train_log.jsonl")]
+    for tower in TOWERS:
+        for stage in (1, 2):
+            state = _read_json(paths.llava(tower, stage) / "trainer_state.json") or {"log_history": []}
+            curves[f"LLaVA stage {stage} ({tower} tower)"] = [
+                (r["step"], r["loss"]) for r in state["log_history"] if "loss" in r]
+    return {name: points for name, points in curves.items() if points}
+
+
+def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {"teacher and LM": [n for n in curves if n in ("teacher CLIP", "tiny LM")],
+              "students (negative cosine)": [n for n in curves if n.startswith("student")],
+              "LLaVA": [n for n in curves if n.startswith("LLaVA")]}
+    groups = {title: names for title, names in groups.items() if names}
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.5), squeeze=False)
+    for ax, (title, names) in zip(axes[0], groups.items(), strict=True):
+        for name in names:
+            steps, losses = zip(*curves[name], strict=True)
+            ax.plot(steps, losses, label=name)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(paths: Layout, state: dict, profile_name: str) -> str:
+    """Write results.md and the plots under plots/; returns the markdown."""
+    classes = len(json.loads((paths.data / "zeroshot" / "classnames.json").read_text()))
+    paths.plots.mkdir(parents=True, exist_ok=True)
+    sections = [f"# llava-uta quickstart results ({profile_name} profile)", "",
+                f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores. Seconds are "
+                "wall-clock on it; students read the teacher's targets from one shared cache (built once, in the "
+                "first student stage).", "", "## Zero-shot", "",
+                zeroshot_table(zeroshot_rows(paths, state), classes)]
+    probes = state.get("steps", {})
+    if probes:
+        ratios = ", ".join(f"{name} {v['time_ratio_vs_uta']:.2f}x" for name, v in probes.items())
+        sections += ["", f"Objective baselines get UTA's wall-clock: their steps follow the timed seconds per step "
+                     f"relative to UTA ({ratios}); masking ablations get UTA's steps."]
+    reviews = {tower: paths.reviews(tower) for tower in TOWERS if paths.reviews(tower).is_file()}
+    if reviews:
+        results = {f"{TOWERS[t]} tower": summarize_reviews(read_jsonl(f)) for t, f in reviews.items()}
+        plot(results, paths.plots / "bench.png")
+        sections += ["", "## LLaVA-Bench (ShapesWorld, offline judge), relative score (%)", "",
+                     comparison_table(results)]
+    curves = loss_curves(paths)
+    if curves:
+        plot_losses(curves, paths.plots / "losses.png")
+    masks = []
+    for kind in ("reversed_block", "block", "random"):
+        out = paths.plots / f"masks-{kind}.png"
+        if kind == "reversed_block" or paths.student(f"uta-{kind}").is_dir():
+            render_masks(KeepIndexGenerator(GRID, MASK_RATIO, kind, seed=0), out, samples=6, draws=1000)
+            masks.append(f"![{kind} masks](plots/{out.name})")
+    sections += ["", "## Plots", "", "![loss curves](plots/losses.png)", "", *masks]
+    if reviews:
+        sections += ["", "![LLaVA-Bench](plots/bench.png)"]
+    stage_rows = [f"| {v['title']} | {v['seconds']:.0f} |" for v in state["stages"].values()]
+    total = sum(v["seconds"] for v in state["stages"].values())
+    sections += ["", "## Stage times", "", "| stage | seconds |", "|---|---:|", *stage_rows, f"| total | {total:.0f} |"]
+    text = "\n".join(sections) + "\n"
+    tmp = paths.results.with_name(f".{paths.results.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, paths.results)
+    return text

@@ -1,0 +1,97 @@
+"""`llava-uta-quickstart --fast --compare` end to end: every artifact, numbers above chance, resume, budgets."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llava_uta.eval.llavabench.jsonl import read_jsonl
+from llava_uta.quickstart.pipeline import EQUAL_WALL_CLOCK, STUDENTS, TOWERS, Layout, RunState
+from llava_uta.quickstart.profiles import PROFILES, get_profile
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def quickstart(root: Path, *flags: str) -> str:
+    command = [sys.executable, "-m", "llava_uta.quickstart", "--fast", "--compare", "--data", str(root / "data"),
+               "--runs", str(root / "runs"), *flags]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Layout, str]:
+    root = tmp_path_factory.mktemp("quickstart")
+    return Layout(root / "data", root / "runs"), quickstart(root)
+
+
+def test_every_artifact_exists(run):
+    paths, _ = run
+    expected = [paths.data / "manifest.json", paths.teacher / "open_clip_model.safetensors",
+                paths.lm / "model.safetensors", paths.lm / "train_log.jsonl", paths.results,
+                paths.plots / "losses.png", paths.plots / "bench.png",
+                *(paths.plots / f"masks-{kind}.png" for kind in ("reversed_block", "block", "random"))]
+    for name in STUDENTS:
+        expected += [paths.student(name) / "summary.json", paths.student(name) / "student.safetensors"]
+    for tower in TOWERS:
+        expected += [paths.tower(tower) / "config.json", paths.llava(tower, 1) / "mm_projector.bin",
+                     paths.llava(tower, 2) / "model.safetensors", paths.reviews(tower), paths.answers(tower)]
+    missing = [str(p) for p in expected if not p.is_file()]
+    assert not missing
+    assert all(p.stat().st_size > 5_000 for p in paths.plots.glob("*.png"))
+
+
+def test_key_numbers_are_above_chance(run):
+    paths, _ = run
+    chance = 1 / len(json.loads((paths.data / "zeroshot" / "classnames.json").read_text()))
+    uta = json.loads((paths.student("uta") / "summary.json").read_text())
+    assert uta["teacher_zeroshot"]["top1"] > 3 * chance
+    assert uta["zeroshot"]["top1"] > 2 * chance
+    for tower in TOWERS:  # at these budgets LLaVA learns the caption format, not yet the scenes
+        for stage in (1, 2):
+            log = json.loads((paths.llava(tower, stage) / "trainer_state.json").read_text())["log_history"]
+            losses = [r["loss"] for r in log if "loss" in r]
+            assert len(losses) >= 3 and losses[-1] < losses[0]
+        answers = read_jsonl(paths.answers(tower))
+        assert len(answers) == 12 and all(a["text"].strip() for a in answers)
+        reviews = read_jsonl(paths.reviews(tower))
+        assert len(reviews) == 12 and not any("error" in r for r in reviews)
+
+
+def test_results_report_every_model_and_equal_wall_clock_budgets(run):
+    paths, stdout = run
+    text = paths.results.read_text()
+    assert text in stdout
+    for _, title in STUDENTS.values():
+        assert f"| {title} |" in text
+    assert "| UTA student tower |" in text and "| teacher CLIP tower |" in text
+    state = json.loads(paths.state.read_text())
+    steps = PROFILES["fast"].student_steps
+    for name in EQUAL_WALL_CLOCK:
+        ratio = state["probes"]["uta"] / state["probes"][name]
+        assert state["steps"][name]["steps"] == max(1, round(steps * ratio))
+        assert json.loads((paths.student(name) / "summary.json").read_text())["steps"] == state["steps"][name]["steps"]
+
+
+def test_rerun_skips_every_stage(run):
+    paths, _ = run
+    before = paths.state.read_text()
+    stdout = quickstart(paths.data.parent)
+    headers = [line for line in stdout.splitlines() if line.startswith("[")]
+    assert headers and all(line.endswith(")") and ": done (" in line for line in headers)
+    assert paths.state.read_text() == before
+
+
+def test_other_budgets_in_the_same_runs_folder_are_refused(run):
+    paths, _ = run
+    with pytest.raises(ValueError, match="other budgets"):
+        RunState(paths.state, get_profile("fast", student_steps=7), "fast")
+    with pytest.raises(ValueError, match="unknown profile"):
+        get_profile("huge")
