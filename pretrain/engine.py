@@ -52,6 +52,9 @@ class PretrainArguments:
     cls_weight: float | None = field(default=None, metadata={"help": "CLS share of the loss; default: plain mean"})
     epochs: float = 150.0
     max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 = from epochs"})
+    max_train_seconds: float = field(default=0.0, metadata={
+        "help": "wall-clock budget of the training steps: stop once spent, the cosine decays over this time "
+                "instead of over the steps (which become an upper bound); 0 = by steps"})
     batch_size: int = field(default=4096, metadata={"help": "global batch (gradient accumulation fills it)"})
     micro_batch_size: int = field(default=64, metadata={"help": "images per rank per forward"})
     lr: float = 1.5e-3
@@ -144,7 +147,7 @@ class Pretrainer:
         if self.steps_per_epoch == 0:
             raise ValueError(f"{args.data_path}: {len(self.dataset)} images are fewer than one global batch")
         self.total_steps = args.max_steps or math.ceil(args.epochs * self.steps_per_epoch)
-        warmup = args.warmup_steps or round(args.warmup_epochs * self.steps_per_epoch)
+        self.warmup = warmup = args.warmup_steps or round(args.warmup_epochs * self.steps_per_epoch)
 
         self.optimizer = create_optimizer_v2(self.student, opt="adamw", lr=args.lr, weight_decay=args.weight_decay,
                                              betas=(0.9, args.adam_beta2), layer_decay=args.layer_decay)
@@ -153,6 +156,7 @@ class Pretrainer:
                                            t_in_epochs=False)
         self.engine = self._deepspeed_engine() if self.use_deepspeed else None
         self.step = 0
+        self.train_seconds = 0.0  # spent in training steps (the budget of --max_train_seconds)
 
     # ---- setup helpers
 
@@ -242,7 +246,8 @@ class Pretrainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self._barrier()
-        state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+        state = {"step": self.step, "train_seconds": self.train_seconds, "scheduler": self.scheduler.state_dict(),
+                 "torch_rng": torch.get_rng_state()}
         if self.engine:
             self.engine.save_checkpoint(str(tmp), tag="deepspeed", client_state=state)
         elif self.rank == 0:
@@ -266,6 +271,7 @@ class Pretrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         self.step = state["step"]
+        self.train_seconds = state.get("train_seconds", 0.0)
 
     @property
     def unwrapped(self) -> UTAViT:
@@ -285,6 +291,17 @@ class Pretrainer:
 
     # ---- the loop
 
+    def schedule_position(self) -> float:
+        """Where the lr schedule stands: the step, or with a time budget the share of it spent (after warm-up)."""
+        budget = self.args.max_train_seconds
+        if not budget or self.step < self.warmup:
+            return self.step
+        return self.warmup + (self.total_steps - self.warmup) * min(1.0, self.train_seconds / budget)
+
+    def finished(self) -> bool:
+        budget = self.args.max_train_seconds
+        return self.step >= self.total_steps or bool(budget and self.train_seconds >= budget)
+
     def train(self) -> dict:
         args = self.args
         self.out.mkdir(parents=True, exist_ok=True)
@@ -293,11 +310,11 @@ class Pretrainer:
         logger = RunLogger(self.out, self.rank == 0, self.unwrapped, args.peak_tflops)
         self.student.train()
         progress = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0, desc=args.objective)
-        while self.step < self.total_steps:
+        while not self.finished():
             epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
             batches = iter(self.loader(epoch, step_in_epoch * self.accum * args.micro_batch_size))
             for _ in range(step_in_epoch, self.steps_per_epoch):
-                self.scheduler.step_update(self.step)
+                self.scheduler.step_update(self.schedule_position())
                 start = time.perf_counter()
                 losses, stats, teacher_s, tokens = [], {}, 0.0, 0
                 for _ in range(self.accum):
@@ -308,6 +325,7 @@ class Pretrainer:
                     tokens += images.shape[0] * (1 + (keep.shape[1] if args.objective == "uta" else self.grid[0] ** 2))
                 grad_norm = self.optimizer_step()
                 self.step += 1
+                self.train_seconds += self._global_mean(time.perf_counter() - start)  # ranks agree on the budget
                 progress.update()
                 loss = self._global_mean(sum(losses) / len(losses))
                 logger.log(self.step, loss, stats, self.optimizer.param_groups[0]["lr"], grad_norm, args.batch_size,
@@ -315,12 +333,12 @@ class Pretrainer:
                 if self.probe and args.eval_every and self.step % args.eval_every == 0:
                     logger.log_eval(self.step, self.probe.evaluate(self.unwrapped))
                     self.student.train()
-                if self.step % args.save_every == 0 or self.step == self.total_steps:
+                if self.step % args.save_every == 0 or self.finished():
                     self.save_checkpoint()
-                if self.step >= self.total_steps:
+                if self.finished():
                     break
         progress.close()
-        summary = {"steps": self.step, "args": asdict(args), **logger.summary()}
+        summary = {"steps": self.step, "args": asdict(args), **logger.summary(), "train_seconds": self.train_seconds}
         if self.probe:
             summary["zeroshot"] = self.probe.evaluate(self.unwrapped)
             summary["teacher_zeroshot"] = self.probe.teacher_accuracy

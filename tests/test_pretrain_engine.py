@@ -139,6 +139,20 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(world, teacher_dir, t
         assert torch.allclose(value, got[key], atol=1e-6), key
 
 
+def test_a_wall_clock_budget_stops_the_run_and_decays_the_lr_over_time(world, teacher_dir, tmp_path):
+    trainer = Pretrainer(engine_args(world, teacher_dir, tmp_path / "run", max_steps=10_000, warmup_steps=1,
+                                     max_train_seconds=1.5, lr=1e-3, min_lr=1e-5))
+    summary = trainer.train()
+    log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert 1 < summary["steps"] < 10_000 and 1.5 <= summary["train_seconds"] < 1.5 + max(r["seconds"] for r in log)
+    lrs = [r["lr"] for r in log]
+    assert lrs[1] == pytest.approx(1e-3, rel=0.05)  # the peak, after one warm-up step
+    assert lrs[-1] < 0.3 * lrs[1]  # the cosine ran over the time, not over the 10,000 steps
+    saved = sorted((tmp_path / "run/checkpoints").iterdir())[-1]
+    state = torch.load(saved / "state.pt", weights_only=True)
+    assert state["step"] == summary["steps"] and state["train_seconds"] == pytest.approx(summary["train_seconds"])
+
+
 def test_bad_arguments_are_named(world, teacher_dir, tmp_path):
     with pytest.raises(ValueError, match="--objective"):
         Pretrainer(engine_args(world, teacher_dir, tmp_path, objective="mae"))

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         state = RunState(layout.state, profile, name)
     except ValueError as err:
         raise SystemExit(f"llava-uta-quickstart: {err}") from None
-    run_stages(Pipeline(layout, profile, state, args.seed).stages(args.compare), state)
+    run_stages(Pipeline(layout, profile, args.seed).stages(args.compare), state)
     print("\n" + write_report(layout, state.data, name), end="")
     print(f"results: {layout.results} (plots in {layout.plots})")
     if args.serve:

@@ -8,7 +8,6 @@ resumes through its own tool (`uta-pretrain --resume`, the bench's append logs).
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -20,7 +19,7 @@ from llava_uta.quickstart.profiles import Profile
 STUDENT_MODEL = "uta_tiny_p8_64"
 MASK_RATIO = 0.5
 UTA_KEPT_SHARE = 1 / (1 + 32)  # CLS share of UTA's plain-mean loss: 1 CLS + 32 kept patches of the 8x8 grid
-# name -> (uta-pretrain flags, title). Objective baselines get UTA's wall-clock; masking ablations its steps.
+# name -> (uta-pretrain flags, title). Objective baselines get UTA's training seconds; masking ablations its steps.
 STUDENTS = {
     "uta": ([], "UTA, reversed block masking (kept = blocks)"),
     "mim": (["--objective", "mim", "--masking", "block", "--cls_weight", str(UTA_KEPT_SHARE)],
@@ -72,12 +71,12 @@ class Layout:
 
 
 class RunState:
-    """quickstart.json: the profile, the finished stages with their seconds, and measured step budgets."""
+    """quickstart.json: the profile, and the finished stages with their seconds."""
 
     def __init__(self, path: Path, profile: Profile, profile_name: str):
         self.path = path
         wanted = {"name": profile_name, **asdict(profile)}
-        self.data = json.loads(path.read_text()) if path.is_file() else {"profile": wanted, "stages": {}, "steps": {}}
+        self.data = json.loads(path.read_text()) if path.is_file() else {"profile": wanted, "stages": {}}
         if self.data["profile"] != wanted:
             raise ValueError(f"{path} records a run with other budgets ({self.data['profile']['name']} profile, "
                              "or changed steps): use another --runs folder, or delete that one to start over")
@@ -112,8 +111,8 @@ def run_stages(stages: list[Stage], state: RunState) -> None:
 class Pipeline:
     """Builds the stage list of one quickstart run."""
 
-    def __init__(self, layout: Layout, profile: Profile, state: RunState, seed: int = 0):
-        self.paths, self.profile, self.state, self.seed = layout, profile, state, seed
+    def __init__(self, layout: Layout, profile: Profile, seed: int = 0):
+        self.paths, self.profile, self.seed = layout, profile, seed
 
     def stages(self, compare: bool) -> list[Stage]:
         p = self.paths
@@ -163,51 +162,26 @@ class Pipeline:
         return Stage(f"student-{name}", f"student: {title} (uta-pretrain)",
                      self.paths.student(name) / "summary.json", lambda: self.train_student(name))
 
-    def student_argv(self, flags: list[str], out: Path, steps: int, evaluate: bool = True) -> list[str]:
-        p, prof, zs = self.paths, self.profile, self.paths.data / "zeroshot"
-        argv = ["--data_path", str(p.data / "pretrain" / "train"), "--output_dir", str(out), "--resume",
-                "--teacher", f"local-dir:{p.teacher}", "--model", STUDENT_MODEL, "--mask_ratio", str(MASK_RATIO),
-                "--max_steps", str(steps), "--batch_size", str(prof.student_batch),
-                "--micro_batch_size", str(prof.student_batch), "--lr", "1e-3",
-                "--warmup_steps", str(min(prof.student_warmup, max(steps // 5, 1))), "--crop_min_scale", "0.5",
-                "--workers", "1", "--save_every", "100", "--seed", str(self.seed),
-                "--teacher_cache", str(p.teacher_cache), "--cache_views", str(prof.cache_views), *flags]
-        if evaluate:
-            argv += ["--eval_data", str(zs / "val"), "--eval_classnames", str(zs / "classnames.json"),
-                     "--eval_templates", str(zs / "templates.json")]
-        return argv
-
     def train_student(self, name: str) -> None:
         from pretrain.train import main
 
-        flags = STUDENTS[name][0]
-        main(self.student_argv(flags, self.paths.student(name), self.student_steps(name)))
+        p, prof, zs = self.paths, self.profile, self.paths.data / "zeroshot"
+        main(["--data_path", str(p.data / "pretrain" / "train"), "--output_dir", str(p.student(name)), "--resume",
+              "--teacher", f"local-dir:{p.teacher}", "--model", STUDENT_MODEL, "--mask_ratio", str(MASK_RATIO),
+              "--batch_size", str(prof.student_batch), "--micro_batch_size", str(prof.student_batch), "--lr", "1e-3",
+              "--warmup_steps", str(min(prof.student_warmup, max(prof.student_steps // 5, 1))),
+              "--crop_min_scale", "0.5", "--workers", "1", "--save_every", "100", "--seed", str(self.seed),
+              "--teacher_cache", str(p.teacher_cache), "--cache_views", str(prof.cache_views),
+              "--eval_data", str(zs / "val"), "--eval_classnames", str(zs / "classnames.json"),
+              "--eval_templates", str(zs / "templates.json"), *self.student_budget(name), *STUDENTS[name][0]])
 
-    def student_steps(self, name: str) -> int:
-        """UTA's budget; for an objective baseline, the steps that take UTA's wall-clock (timed probes)."""
+    def student_budget(self, name: str) -> list[str]:
+        """UTA's steps; for an objective baseline, UTA's measured training seconds (its steps only bound it)."""
+        steps = self.profile.student_steps
         if name not in EQUAL_WALL_CLOCK:
-            return self.profile.student_steps
-        steps = self.state.data["steps"]
-        if name not in steps:
-            ratio = self.probe_seconds_per_step("uta") / self.probe_seconds_per_step(name)
-            steps[name] = {"steps": max(1, round(self.profile.student_steps * ratio)), "time_ratio_vs_uta": ratio}
-            self.state.save()
-        return steps[name]["steps"]
-
-    def probe_seconds_per_step(self, name: str) -> float:
-        """Steady-state seconds per step of a student objective, from a short timed run (cached targets)."""
-        from pretrain.train import main
-
-        probes = self.state.data.setdefault("probes", {})
-        if name not in probes:
-            out = self.paths.runs / "probes" / name
-            shutil.rmtree(out, ignore_errors=True)
-            main(self.student_argv(STUDENTS[name][0], out, self.profile.probe_steps, evaluate=False))
-            summary = json.loads((out / "summary.json").read_text())
-            probes[name] = self.profile.student_batch / summary["images_per_s"]
-            shutil.rmtree(out)
-            self.state.save()
-        return probes[name]
+            return ["--max_steps", str(steps)]
+        uta = json.loads((self.paths.student("uta") / "summary.json").read_text())
+        return ["--max_steps", str(4 * steps), "--max_train_seconds", f"{uta['train_seconds']:.1f}"]
 
     # ---- LLaVA with a tower, and its LLaVA-Bench
 

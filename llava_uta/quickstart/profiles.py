@@ -10,14 +10,13 @@ class Profile:
     """Every size and step budget of one quickstart run (the student budget is shared by all students)."""
 
     world: dict[str, int] = field(default_factory=dict)  # ShapesWorldConfig overrides (llava-uta-shapes flags)
-    teacher_steps: int = 300
+    teacher_steps: int = 260
     teacher_batch: int = 128
     student_steps: int = 300
     student_batch: int = 128
     student_warmup: int = 20
-    cache_views: int = 2  # fixed views per image whose teacher targets are computed once for every student
-    probe_steps: int = 8  # timed steps per baseline objective, to give it UTA's wall-clock
-    lm_steps: int = 300
+    cache_views: int = 1  # fixed views per image whose teacher targets are computed once for every student
+    lm_steps: int = 200
     stage1_steps: int = 150
     stage1_batch: int = 32
     stage2_steps: int = 200
@@ -31,7 +30,7 @@ PROFILES = {
         world={"num_clip": 2048, "num_pretrain": 1024, "num_zeroshot_per_class": 3, "num_stage1": 512,
                "num_stage2": 384, "num_bench_images": 6},
         teacher_steps=30, teacher_batch=64, student_steps=60, student_batch=64, student_warmup=6, cache_views=1,
-        probe_steps=6, lm_steps=60, stage1_steps=30, stage1_batch=16, stage2_steps=60, stage2_batch=8,
+        lm_steps=60, stage1_steps=30, stage1_batch=16, stage2_steps=60, stage2_batch=8,
         bench_max_new_tokens=32,
     ),
 }

@@ -23,7 +23,7 @@ def _jsonl(path: Path) -> list[dict]:
     return read_jsonl(path) if path.is_file() else []
 
 
-def zeroshot_rows(paths: Layout, state: dict) -> list[dict]:
+def zeroshot_rows(paths: Layout) -> list[dict]:
     """One row for the teacher and one per finished student: budget, compute and zero-shot accuracy."""
     summaries = {name: _read_json(paths.student(name) / "summary.json") for name in STUDENTS}
     summaries = {name: s for name, s in summaries.items() if s}
@@ -115,12 +115,10 @@ def write_report(paths: Layout, state: dict, profile_name: str) -> str:
                 f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores. Seconds are "
                 "wall-clock on it; students read the teacher's targets from one shared cache (built once, in the "
                 "first student stage).", "", "## Zero-shot", "",
-                zeroshot_table(zeroshot_rows(paths, state), classes)]
-    probes = state.get("steps", {})
-    if probes:
-        ratios = ", ".join(f"{name} {v['time_ratio_vs_uta']:.2f}x" for name, v in probes.items())
-        sections += ["", f"Objective baselines get UTA's wall-clock: their steps follow the timed seconds per step "
-                     f"relative to UTA ({ratios}); masking ablations get UTA's steps."]
+                zeroshot_table(zeroshot_rows(paths), classes)]
+    sections += ["", "MIM, feature distillation and CLS-only train for UTA's measured training seconds "
+                 "(`--max_train_seconds`: the cosine decays over that time); the masking ablations get UTA's steps. "
+                 "Student TFLOP: estimated matmul work of the student (6 x parameters x tokens)."]
     reviews = {tower: paths.reviews(tower) for tower in TOWERS if paths.reviews(tower).is_file()}
     if reviews:
         results = {f"{TOWERS[t]} tower": summarize_reviews(read_jsonl(f)) for t, f in reviews.items()}
