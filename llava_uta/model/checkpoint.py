@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from llava_uta.io_utils import write_json_atomic
 from llava_uta.model.uta_vit import UTAViT, UTAViTConfig
 
 WRAPPER_KEYS = ("state_dict", "model", "module")  # common containers around a state dict
@@ -88,9 +89,7 @@ def save_uta_vit(model: UTAViT, path: str | os.PathLike) -> None:
     save_file(state, tmp, metadata={"format": "pt"})
     os.replace(tmp, path)
     cfg_path = student_config_path(path)
-    tmp = cfg_path.with_name(f".{cfg_path.name}.tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2) + "\n")
-    os.replace(tmp, cfg_path)
+    write_json_atomic(cfg_path, dataclasses.asdict(model.cfg))
 
 
 def load_uta_vit_config(path: str | os.PathLike) -> UTAViTConfig:

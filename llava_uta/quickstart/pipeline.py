@@ -14,11 +14,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from llava_uta.io_utils import write_json_atomic
+from llava_uta.model.uta_vit import UTA_VIT_CONFIGS
 from llava_uta.quickstart.profiles import Profile
+from pretrain.masking import KeepIndexGenerator
 
 STUDENT_MODEL = "uta_tiny_p8_64"
 MASK_RATIO = 0.5
-UTA_KEPT_SHARE = 1 / (1 + 32)  # CLS share of UTA's plain-mean loss: 1 CLS + 32 kept patches of the 8x8 grid
+GRID = UTA_VIT_CONFIGS[STUDENT_MODEL].grid_size
+UTA_KEPT_SHARE = 1 / (1 + KeepIndexGenerator(GRID, MASK_RATIO).num_keep)  # CLS share of UTA's plain-mean loss
 # name -> (uta-pretrain flags, title). Objective baselines get UTA's training seconds; masking ablations its steps.
 STUDENTS = {
     "uta": ([], "UTA, reversed block masking (kept = blocks)"),
@@ -102,10 +105,11 @@ def run_stages(stages: list[Stage], state: RunState) -> None:
         print(f"{header} ...", flush=True)
         start = time.perf_counter()
         stage.run()
+        seconds = time.perf_counter() - start
         if not stage.output.exists():
             raise RuntimeError(f"stage {stage.key!r} finished without writing {stage.output}")
-        state.finish(stage, time.perf_counter() - start)
-        print(f"{header}: {time.perf_counter() - start:.0f} s", flush=True)
+        state.finish(stage, seconds)
+        print(f"{header}: {seconds:.0f} s", flush=True)
 
 
 class Pipeline:
@@ -158,8 +162,7 @@ class Pipeline:
     # ---- students
 
     def student_stage(self, name: str) -> Stage:
-        flags, title = STUDENTS[name]
-        return Stage(f"student-{name}", f"student: {title} (uta-pretrain)",
+        return Stage(f"student-{name}", f"student: {STUDENTS[name][1]} (uta-pretrain)",
                      self.paths.student(name) / "summary.json", lambda: self.train_student(name))
 
     def train_student(self, name: str) -> None:

@@ -9,10 +9,9 @@ from pathlib import Path
 
 from llava_uta.eval.llavabench.jsonl import read_jsonl
 from llava_uta.eval.llavabench.summarize import comparison_table, plot, summarize_reviews
-from llava_uta.quickstart.pipeline import MASK_RATIO, STUDENTS, TOWERS, Layout
+from llava_uta.io_utils import save_figure_atomic, write_text_atomic
+from llava_uta.quickstart.pipeline import GRID, MASK_RATIO, STUDENTS, TOWERS, Layout
 from pretrain.masking import KeepIndexGenerator, render_masks
-
-GRID = 8  # the student's 8x8 patch grid (64 px, patch 8)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -94,17 +93,7 @@ def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
         ax.set_xlabel("step")
         ax.legend(fontsize="x-small")
     fig.tight_layout()
-    _save(fig, path)
-
-
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path)
 
 
 def write_report(paths: Layout, state: dict, profile_name: str) -> str:
@@ -141,7 +130,5 @@ def write_report(paths: Layout, state: dict, profile_name: str) -> str:
     total = sum(v["seconds"] for v in state["stages"].values())
     sections += ["", "## Stage times", "", "| stage | seconds |", "|---|---:|", *stage_rows, f"| total | {total:.0f} |"]
     text = "\n".join(sections) + "\n"
-    tmp = paths.results.with_name(f".{paths.results.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, paths.results)
+    write_text_atomic(paths.results, text)
     return text

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from llava_uta.eval.llavabench.jsonl import read_jsonl
+from llava_uta.io_utils import save_figure_atomic, write_text_atomic
 
 CATEGORY_ORDER = ("conv", "detail", "complex")
 PREFIX = "llava_bench_"
@@ -113,10 +114,7 @@ def plot(results: dict[str, list[CategoryScore]], path: str | os.PathLike) -> No
     ax.axhline(100, color="grey", linewidth=0.8, linestyle="--")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path, dpi=120)
 
 
 def review_name(path: str | os.PathLike) -> str:
@@ -137,8 +135,6 @@ def run(args: argparse.Namespace) -> None:
     text = "\n\n".join(tables) + "\n"
     print(text, end="")
     if args.markdown:
-        tmp = Path(args.markdown).with_name(f".{Path(args.markdown).name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, args.markdown)
+        write_text_atomic(args.markdown, text)
     if args.plot:
         plot(results, args.plot)
