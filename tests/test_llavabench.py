@@ -1,9 +1,11 @@
 """LLaVA-Bench evaluator: answer records and resume, judge retries against a misbehaving local server, pairing,
-summary arithmetic, and the offline ShapesWorld judge."""
+rule files and their keys, LLaVA's exact score parsing, summary arithmetic, and the offline ShapesWorld judge."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -19,14 +21,22 @@ from llava_uta.data.shapes.scene import COLORS, PLURALS
 from llava_uta.eval.llavabench.__main__ import main as bench_main
 from llava_uta.eval.llavabench.answer import answer_questions, get_chunk
 from llava_uta.eval.llavabench.jsonl import AppendLog, read_jsonl
-from llava_uta.eval.llavabench.judges import HttpJudge, JudgeError, ReviewItem, build_messages, parse_score
-from llava_uta.eval.llavabench.review import DEFAULT_RULE, pair_by_id, review_all
+from llava_uta.eval.llavabench.judges import (
+    HttpJudge,
+    JudgeError,
+    ReviewItem,
+    build_messages,
+    llava_parse_score,
+    parse_score,
+)
+from llava_uta.eval.llavabench.review import OWN_RULE, RuleFile, pair_by_id, review_all
 from llava_uta.eval.llavabench.shapes_judge import score_answer
-from llava_uta.eval.llavabench.summarize import summarize_reviews
+from llava_uta.eval.llavabench.summarize import COMPARABILITY, summarize_reviews
 from llava_uta.model.llava_builder import build_llava
 from llava_uta.serve.loader import load_pretrained_model
 
-RULES = json.loads(DEFAULT_RULE.read_text())
+RULES = RuleFile.load(OWN_RULE)
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +176,7 @@ class _Judge:
 
 
 def _item() -> ReviewItem:
-    messages = build_messages("a red star", "What color?", "Red.", "Blue.", RULES["llava_bench_conv"])
+    messages = build_messages("a red star", "What color?", "Red.", "Blue.", RULES.rule("llava_bench_conv"))
     return ReviewItem({"question_id": 0}, {"text": "Red."}, {"text": "Blue."}, "llava_bench_conv", messages)
 
 
@@ -229,7 +239,7 @@ def test_review_records_failures_and_resumes_without_duplicates(tmp_path, monkey
     assert records[3]["tuple"] == [8.0, 6.0] and records[1]["category"] == "llava_bench_detail"
     user = server.requests[0][2]["messages"][1]["content"]
     assert user.startswith("[Context]\nline one\nline two\n\n[Question]\nq0\n\n[Assistant 1]\nref 0\n\n")
-    assert user.endswith("[End of Assistant 2]\n\n[System]\n" + RULES["llava_bench_conv"]["prompt"] + "\n\n")
+    assert user.endswith("[End of Assistant 2]\n\n[System]\n" + RULES.rule("llava_bench_conv")["prompt"] + "\n\n")
     rows = {r.category: r for r in summarize_reviews(records)}
     assert rows["all"].failed == 2 and rows["all"].reviews == 4 and rows["all"].relative == 75.0
     assert rows["all"].llava_relative == 71.4  # LLaVA's figure: means (8 - 1 - 1 + 8) / 4 and (6 - 1 - 1 + 6) / 4
@@ -272,6 +282,7 @@ def test_summary_matches_llava_arithmetic_on_a_hand_computed_example(tmp_path):
     bench_main(["summarize", first, second, "--markdown", str(tmp_path / "s.md"), "--plot", str(tmp_path / "s.png")])
     table = (tmp_path / "s.md").read_text()
     assert "| all | 69.4 | 81.7 | 56.7 | 6 | 0 | 69.4 |" in table and "| m2 | 76.5 | 100.0 | n/a | 83.3 |" in table
+    assert "NOT COMPARABLE" not in table  # both made with the same (unrecorded) judge and rule
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -282,3 +293,112 @@ def test_append_log_drops_a_cut_off_line(tmp_path):
     assert log.done_ids == {1}
     log.append({"question_id": 2})
     assert [r["question_id"] for r in read_jsonl(path)] == [1, 2]
+
+
+def test_llava_parse_score_is_llavas_exactly_and_feeds_the_llava_column():
+    # LLaVA: review.split('\n')[0].replace(',', ' ').split(' '), two floats or [-1, -1]
+    for review, expected in [("8 6\nok", [8.0, 6.0]), ("8,6", [8.0, 6.0]), ("7.5 9", [7.5, 9.0])]:
+        assert llava_parse_score(review) == expected
+    for review in ("8, 6\nok", "8 6 ", "\n8 6\nok", " 8 6", "8  6", "Assistant 1: 8", "a b", ""):
+        assert llava_parse_score(review) == [-1, -1], review
+    assert parse_score("8, 6") == parse_score("8 6 ") == parse_score("\n8 6\nok") == (8.0, 6.0)  # ours: lenient
+    reviews = [{"category": "llava_bench_conv", "content": "8, 6\nclose.", "tuple": [8.0, 6.0]},
+               {"category": "llava_bench_conv", "content": "9 3\nworse.", "tuple": [9.0, 3.0]}]
+    all_row = summarize_reviews(reviews)[-1]
+    assert (all_row.relative, all_row.failed) == (52.9, 0)  # 4.5 / 8.5
+    assert all_row.llava_relative == 25.0  # LLaVA reads [-1, -1] and [9, 3]: 1.0 / 4.0
+
+
+def test_summary_counts_llava_written_minus_one_tuples_as_failed(tmp_path):
+    def llava_record(qid: int, content: str, scores: list) -> dict:  # eval_gpt_review_bench.py's output line
+        return {"id": qid + 1, "question_id": qid, "answer1_id": qid, "answer2_id": f"a{qid}",
+                "category": "llava_bench_conv", "content": content, "tuple": scores}
+
+    reviews = [llava_record(0, "8 6\nok", [8.0, 6.0]), llava_record(1, "Assistant 2 is better.", [-1, -1]),
+               llava_record(2, "9 3\nok", [9.0, 3.0])]
+    all_row = summarize_reviews(reviews)[-1]
+    assert (all_row.reviews, all_row.failed) == (3, 1)
+    assert (all_row.relative, all_row.reference, all_row.model) == (52.9, 85.0, 45.0)  # the two real reviews
+    assert all_row.llava_relative == 50.0  # LLaVA: (6 - 1 + 3) / 3 over (8 - 1 + 9) / 3
+    path = _write(tmp_path / "llava.jsonl", reviews)
+    bench_main(["summarize", path, "--markdown", str(tmp_path / "s.md")])
+    text = (tmp_path / "s.md").read_text()
+    assert "Made with judge not recorded, rule not recorded." in text
+    assert "| all | 52.9 | 85.0 | 45.0 | 3 | 1 | 50.0 |" in text
+
+
+def _rule_file(path: Path, keys: list[str]) -> Path:
+    path.write_text(json.dumps({k: {"role": "Assistant", "prompt": f"PROMPT FOR {k}"} for k in keys}))
+    return path
+
+
+def _bench_files(tmp_path: Path, context: dict) -> list[str]:
+    """--question/--context/--answer-list arguments of a two-question bench on one image."""
+    questions = [{"question_id": i, "image": "a.jpg", "text": f"q{i}", "category": c}
+                 for i, c in enumerate(["conv", "complex"])]
+    ours = [{"question_id": i, "text": "ours", "answer_id": f"a{i}"} for i in range(2)]
+    return ["--question", _write(tmp_path / "q.jsonl", questions), "--context", _write(tmp_path / "c.jsonl", [context]),
+            "--answer-list", _write(tmp_path / "ref.jsonl", [{"question_id": i, "text": "ref"} for i in range(2)]),
+            _write(tmp_path / "ours.jsonl", ours)]
+
+
+def test_http_review_takes_the_rule_by_path_and_the_summary_names_judge_and_rule(tmp_path):
+    rule = _rule_file(tmp_path / "rule.json", ["llava_bench_conv", "llava_bench_complex"])
+    files = _bench_files(tmp_path, {"image": "a.jpg", "caption": "a cat"})
+    out = tmp_path / "reviews.jsonl"
+    http = ["--judge", "http", "--judge-model", "judge-x", "--judge-retries", "0"]
+    with pytest.raises(SystemExit, match="--judge http needs --rule"):
+        bench_main(["review", *files, "--output", str(out), *http, "--judge-base-url", "http://127.0.0.1:9"])
+    server = _Judge([])
+    try:
+        bench_main(["review", *files, "--output", str(out), *http, "--judge-base-url", server.url, "--rule", str(rule)])
+        other = _rule_file(tmp_path / "other.json", ["llava_bench_conv", "llava_bench_complex"])
+        other.write_text(other.read_text() + "\n")  # same prompts, other bytes: another rule file
+        with pytest.raises(ValueError, match="not comparable"):  # resuming with another rule is refused
+            bench_main(["review", *files, "--output", str(out), *http, "--judge-base-url", server.url, "--rule",
+                        str(other)])
+    finally:
+        server.close()
+    prompts = [body["messages"][1]["content"] for _, _, body in server.requests]
+    assert len(prompts) == 2 and prompts[1].endswith("[System]\nPROMPT FOR llava_bench_complex\n\n")
+    sha = hashlib.sha256(rule.read_bytes()).hexdigest()
+    records = read_jsonl(out)
+    assert all((r["judge"], r["rule"], r["rule_sha256"]) == ("judge-x", str(rule), sha) for r in records)
+    bench_main(["summarize", str(out), "--markdown", str(tmp_path / "s.md")])
+    text = (tmp_path / "s.md").read_text()
+    assert f"Made with judge judge-x, rule {rule} (sha256 {sha[:12]})." in text
+    assert COMPARABILITY in text and "gpt-4-0314" in COMPARABILITY
+    unrecorded = _write(tmp_path / "llava.jsonl", [{k: v for k, v in r.items() if k not in ("judge", "rule_sha256")}
+                                                     for r in records])
+    bench_main(["summarize", str(out), unrecorded, "--markdown", str(tmp_path / "s.md")])
+    assert "NOT COMPARABLE: these files were reviewed by different judges" in (tmp_path / "s.md").read_text()
+
+
+def test_coco_context_picks_rules_by_bare_category_as_llavas_visual_review(tmp_path):
+    rule = _rule_file(tmp_path / "rule.json", ["conv", "complex"])  # LLaVA's rule.json has both kinds of keys
+    truth = _write(tmp_path / "t.jsonl", [{"question_id": i, "facts": {"color": "red"}} for i in range(2)])
+    offline = ["--judge", "shapes", "--ground-truth", truth, "--rule", str(rule)]
+    coco = {"image": "a.jpg", "captions": ["a cat", "a pet"], "instances": [{"category": "cat", "bbox": [0, 0, 1, 1]}]}
+    bench_main(["review", *_bench_files(tmp_path, coco), "--output", str(tmp_path / "coco.jsonl"), *offline])
+    assert [r["category"] for r in read_jsonl(tmp_path / "coco.jsonl")] == ["conv", "complex"]
+    wild = _bench_files(tmp_path, {"image": "a.jpg", "caption": "a cat"})
+    with pytest.raises(ValueError, match=r"rule\.json has no 'llava_bench_conv' entry"):
+        bench_main(["review", *wild, "--output", str(tmp_path / "wild.jsonl"), *offline])
+
+
+def test_eval_script_needs_a_rule_for_the_http_judge_and_passes_it(tmp_path):
+    fake = tmp_path / "bin" / "llava-uta-bench"  # records its arguments; `answer` writes its answers file
+    fake.parent.mkdir()
+    fake.write_text('#!/usr/bin/env bash\necho "$*" >> "$CALLS"\n'
+                    'while [[ $# -gt 0 ]]; do [[ $1 == --answers-file ]] && touch "$2"; shift; done\n')
+    fake.chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "CALLS": str(calls), "BENCH": "coco",
+           "ROOT": str(tmp_path / "coco"), "MODEL": "m"}
+    script = ["bash", str(REPO / "scripts/eval_llavabench.sh")]
+    refused = subprocess.run(script, env=env, capture_output=True, text=True)
+    assert refused.returncode == 1 and "JUDGE=http needs RULE" in refused.stderr and not calls.exists()
+    rule = _rule_file(tmp_path / "rule.json", ["conv"])
+    subprocess.run(script, env={**env, "RULE": str(rule)}, check=True, capture_output=True)
+    review = next(line for line in calls.read_text().splitlines() if line.startswith("review"))
+    assert f"--rule {rule}" in review and "--category-prefix" not in review  # COCO keys chosen by the context

@@ -1,13 +1,20 @@
-"""llava-uta-bench: LLaVA-Bench evaluation in three steps (llava.md §5).
+"""llava-uta-bench: LLaVA-Bench evaluation in LLaVA's three steps (answer, review, summarize).
 
     llava-uta-bench answer --model-path checkpoints/llava-uta --question-file B/questions.jsonl \\
         --image-folder B/images --answers-file B/answers/llava-uta.jsonl
     llava-uta-bench review --question B/questions.jsonl --context B/context.jsonl \\
         --answer-list B/answers_gpt4.jsonl B/answers/llava-uta.jsonl --output B/reviews/llava-uta.jsonl \\
+        --rule LLaVA/llava/eval/table/rule.json \\
         --judge http --judge-base-url https://api.openai.com/v1 --judge-model gpt-4-0613
     llava-uta-bench summarize B/reviews/*.jsonl --plot B/reviews/summary.png
 
-For the ShapesWorld bench, `review --judge shapes` scores offline against ground_truth.jsonl.
+`--rule` takes LLaVA's own rule.json (its judge prompts); scores are comparable only between reviews made by the
+same judge model with the same rule file, which the summary names. For the ShapesWorld bench, `review --judge
+shapes` scores offline against ground_truth.jsonl, and `grounding` measures, on held-out ShapesWorld images,
+whether a model reads colour, shape, count and position off the image (accuracy per attribute, with chance):
+
+    llava-uta-bench grounding --model-path M --question-file G/questions.jsonl --image-folder G/images \
+        --answers-file runs/grounding/answers.jsonl --output runs/grounding/result.json
 """
 
 from __future__ import annotations
@@ -15,12 +22,13 @@ from __future__ import annotations
 import argparse
 import logging
 
-from llava_uta.eval.llavabench import answer, review, summarize
+from llava_uta.eval.llavabench import answer, grounding, review, summarize
 
 COMMANDS = {
     "answer": (answer, "answer the questions with a model"),
     "review": (review, "judge model answers against the reference answers"),
     "summarize": (summarize, "relative scores per category, tables and a chart"),
+    "grounding": (grounding, "ShapesWorld: short-answer accuracy per attribute on held-out images"),
 }
 
 

@@ -1,4 +1,4 @@
-"""The judge request (LLaVA's message layout, llava.md §5.2), its score line, and the HTTP chat-completions judge.
+"""The judge request (LLaVA's message layout), its score line, and the HTTP chat-completions judge.
 
 A judge turns one `ReviewItem` into review text whose first line holds the two scores ("8 6"). `HttpJudge`
 posts the messages to any OpenAI-compatible `/chat/completions` endpoint with the standard library; rate limits
@@ -22,6 +22,7 @@ from typing import Protocol
 logger = logging.getLogger(__name__)
 
 SYSTEM_PROMPT = "You are a helpful and precise assistant for checking the quality of the answer."  # LLaVA's
+FAILED = [-1, -1]  # LLaVA's score tuple for a review it could not parse
 
 
 class JudgeError(RuntimeError):
@@ -67,12 +68,26 @@ def build_messages(context: str, question: str, answer1: str, answer2: str, rule
 
 
 def parse_score(review: str) -> tuple[float, float]:
-    """The two scores on the first line ("8 6" or "8, 6"); ValueError if it holds anything else."""
+    """The two scores on the first non-blank line ("8 6", "8, 6", spaces ignored); ValueError for anything else."""
     first = review.strip().split("\n", 1)[0] if review.strip() else ""
     parts = first.replace(",", " ").split()
     if len(parts) != 2:
         raise ValueError(f"no score line of two numbers: {first[:80]!r}")
     return float(parts[0]), float(parts[1])
+
+
+def llava_parse_score(review: str) -> list[float]:
+    """LLaVA's parse_score exactly: raw first line, ',' -> ' ', split on one space, two floats, else [-1, -1].
+
+    Stricter than `parse_score`: "8, 6" (three parts), "8 6 " and a leading blank line all give [-1, -1].
+    """
+    parts = review.split("\n")[0].replace(",", " ").split(" ")
+    if len(parts) != 2:
+        return list(FAILED)
+    try:
+        return [float(parts[0]), float(parts[1])]
+    except ValueError:
+        return list(FAILED)
 
 
 def _retryable(err: Exception) -> bool:

@@ -2,21 +2,34 @@
 
 Questions and both answer files are paired by question_id (LLaVA pairs by line order) and must cover the same
 ids. Reviews are appended one by one in LLaVA's record format (`id, question_id, answer1_id, answer2_id,
-category, content, tuple`); a rerun skips the questions already reviewed. A judge failure or a review without a
-score line is recorded with `"error"` and `tuple` [-1, -1], LLaVA's marker, and counted apart by the summary.
+category, content, tuple`), plus the judge model and the rule file's path and sha256; a rerun skips the questions
+already reviewed and refuses a file made with another judge or rule. A judge failure or a review without a score
+line is recorded with `"error"` and `tuple` [-1, -1], LLaVA's marker, and counted apart by the summary; `tuple`
+is read leniently (`parse_score`), the summary re-reads `content` as LLaVA does for its `LLaVA rel.` column.
+
+The prompts come from a rule file in LLaVA's rule.json format. For LLaVA's protocol pass LLaVA's own
+`llava/eval/table/rule.json` with `--rule` (required with `--judge http`). The packaged `llava_uta_rule.json`
+holds this project's own prompts, NOT LLaVA's: HTTP-judge scores made with it are not comparable with LLaVA's; it
+is the default only for the offline ShapesWorld judge, which reads no prompt. The rule key of a question is
+`llava_bench_` + category (eval_gpt_review_bench, In-the-Wild) or, for a COCO context with captions and boxes,
+the bare category (eval_gpt_review_visual); `--category-prefix` overrides both.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from llava_uta.eval.llavabench.jsonl import AppendLog, by_question_id, read_jsonl
 from llava_uta.eval.llavabench.judges import (
+    FAILED,
     HttpJudge,
     Judge,
     JudgeError,
@@ -29,8 +42,60 @@ from llava_uta.eval.llavabench.shapes_judge import ShapesJudge
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_RULE = Path(__file__).with_name("rule.json")
-FAILED = [-1, -1]
+OWN_RULE = Path(__file__).with_name("llava_uta_rule.json")  # this project's prompts, not LLaVA's
+WILD_PREFIX = "llava_bench_"
+
+
+@dataclass(frozen=True)
+class RuleFile:
+    """Judge prompts in LLaVA's rule.json format ({key: {"role", "prompt"}}), with the file's path and sha256."""
+
+    path: str
+    sha256: str
+    rules: dict
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> RuleFile:
+        data = Path(path).read_bytes()
+        try:
+            rules = json.loads(data)
+        except ValueError as err:
+            raise ValueError(f"rule file {path}: not valid JSON ({err})") from err
+        if not isinstance(rules, dict):
+            raise ValueError(f"rule file {path}: expected a JSON object of rules by key, got {type(rules).__name__}")
+        return cls(os.fspath(path), hashlib.sha256(data).hexdigest(), rules)
+
+    def rule(self, key: str) -> dict:
+        """The entry for `key`, checked to hold the 'role' and 'prompt' strings of LLaVA's format."""
+        if key not in self.rules:
+            raise ValueError(f"rule file {self.path} has no {key!r} entry (it has {', '.join(self.rules)})")
+        rule = self.rules[key]
+        if not (isinstance(rule, dict) and all(isinstance(rule.get(field), str) for field in ("role", "prompt"))):
+            raise ValueError(f"rule file {self.path}: entry {key!r} needs 'role' and 'prompt' strings")
+        return rule
+
+
+def rule_key(category: str, context: dict, prefix: str | None = None) -> str:
+    """LLaVA's rule key: bare category for a COCO context (captions + boxes), else `llava_bench_` + category."""
+    if prefix is None:
+        prefix = "" if "captions" in context else WILD_PREFIX
+    return prefix + category
+
+
+def source_key(record: dict) -> tuple:
+    """What makes scores comparable: the judge model and the rule file's content (None where not recorded)."""
+    return record.get("judge"), record.get("rule_sha256")
+
+
+def is_failed(record: dict) -> bool:
+    """A review without scores: our `error` field, or LLaVA's [-1, -1] tuple (review files written by LLaVA)."""
+    return "error" in record or list(record["tuple"]) == FAILED
+
+
+def review_source(record: dict) -> str:
+    """'judge J, rule PATH (sha256 0123456789ab)'; 'not recorded' for what a review lacks (files written by LLaVA)."""
+    rule = f"{record['rule']} (sha256 {record['rule_sha256'][:12]})" if "rule_sha256" in record else "not recorded"
+    return f"judge {record.get('judge', 'not recorded')}, rule {rule}"
 
 
 def _ids(ids: set) -> str:
@@ -65,7 +130,7 @@ def judge_one(judge: Judge, item: ReviewItem) -> dict:
         except ValueError as err:
             error = f"unparseable review: {err}"
     logger.warning("question %s: %s", item.question["question_id"], error)
-    return {"content": content, "tuple": FAILED, "error": error}
+    return {"content": content, "tuple": list(FAILED), "error": error}
 
 
 def review_all(
@@ -74,23 +139,28 @@ def review_all(
     contexts: dict[str, dict],
     answers1: list[dict],
     answers2: list[dict],
-    rules: dict,
+    rules: RuleFile,
     output: str | Path,
-    category_prefix: str = "llava_bench_",
+    category_prefix: str | None = None,
     names: tuple[str, str] = ("answers 1", "answers 2"),
 ) -> AppendLog:
     """Append a review for every question not yet in `output`; returns the log with all records."""
     triples = pair_by_id(questions, answers1, answers2, names)
     log = AppendLog(output)
+    source = {"judge": judge.name, "rule": rules.path, "rule_sha256": rules.sha256}
+    if others := {review_source(r) for r in log.records if source_key(r) != source_key(source)}:
+        raise ValueError(
+            f"{output} holds reviews made with {'; '.join(sorted(others))}, not {review_source(source)}: "
+            "their scores are not comparable, write to another --output"
+        )
     done = log.done_ids
     for position, (question, answer1, answer2) in enumerate(tqdm(triples, desc="reviews", unit="question")):
         if question["question_id"] in done:
             continue
-        category = category_prefix + question["category"]
-        if category not in rules:
-            raise KeyError(f"the rule file has no {category!r} entry (see --category-prefix)")
-        context = render_context(contexts[question["image"]])
-        messages = build_messages(context, question["text"], answer1["text"], answer2["text"], rules[category])
+        context = contexts[question["image"]]
+        category = rule_key(question["category"], context, category_prefix)
+        rule = rules.rule(category)
+        messages = build_messages(render_context(context), question["text"], answer1["text"], answer2["text"], rule)
         item = ReviewItem(question, answer1, answer2, category, messages)
         record = {
             "id": position + 1,
@@ -98,7 +168,7 @@ def review_all(
             "answer1_id": answer1.get("answer_id", answer1["question_id"]),
             "answer2_id": answer2.get("answer_id", answer2["question_id"]),
             "category": category,
-            "judge": judge.name,
+            **source,
         }
         record.update(judge_one(judge, item))
         log.append(record)
@@ -126,9 +196,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--question", required=True, help="questions.jsonl")
     parser.add_argument("--context", required=True, help="context.jsonl (captions) or COCO caps_boxes .jsonl")
     parser.add_argument("--answer-list", nargs=2, required=True, metavar=("REFERENCE", "MODEL"))
-    parser.add_argument("--rule", default=str(DEFAULT_RULE), help="LLaVA rule.json format (default: ours)")
+    parser.add_argument(
+        "--rule",
+        help="judge prompts in LLaVA's rule.json format; LLaVA's own llava/eval/table/rule.json for its protocol "
+        "(required with --judge http). Default for --judge shapes, which reads no prompt: llava_uta_rule.json",
+    )
     parser.add_argument("--output", required=True, help="reviews .jsonl (appended; reruns resume)")
-    parser.add_argument("--category-prefix", default="llava_bench_", help="rule key = prefix + category ('' for COCO)")
+    parser.add_argument(
+        "--category-prefix",
+        help="rule key = prefix + category (default as LLaVA: '' for a COCO context, else 'llava_bench_')",
+    )
     parser.add_argument("--judge", choices=("http", "shapes"), default="http")
     parser.add_argument("--ground-truth", help="ShapesWorld ground_truth.jsonl (default: next to --question)")
     parser.add_argument("--judge-base-url", help="OpenAI-compatible API root, e.g. https://api.openai.com/v1")
@@ -141,8 +218,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    with open(args.rule) as f:
-        rules = json.load(f)
+    if args.rule is None and args.judge == "http":
+        raise SystemExit(
+            "--judge http needs --rule: LLaVA's llava/eval/table/rule.json for LLaVA's protocol, or "
+            f"{OWN_RULE} for this project's own prompts (not LLaVA's: scores not comparable with LLaVA's)"
+        )
+    rules = RuleFile.load(args.rule or OWN_RULE)
     contexts = {row["image"]: row for row in read_jsonl(args.context)}
     answers1, answers2 = (read_jsonl(path) for path in args.answer_list)
     log = review_all(
@@ -156,5 +237,5 @@ def run(args: argparse.Namespace) -> None:
         args.category_prefix,
         tuple(args.answer_list),
     )
-    failed = sum("error" in record for record in log.records)
+    failed = sum(map(is_failed, log.records))
     print(f"{len(log.records)} reviews in {args.output} ({failed} failed)")

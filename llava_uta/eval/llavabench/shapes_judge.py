@@ -91,10 +91,9 @@ def described_objects(answer: str) -> list[tuple[set, set, set]]:
     return described
 
 
-def detail_credit(objects: list[dict], answer: str) -> tuple[float, str]:
-    described = described_objects(answer)
+def matched_objects(objects: list[dict], described: list[tuple[set, set, set]]) -> int:
+    """How many true objects a description names correctly (colour, shape and position in one sentence)."""
     unmatched = list(objects)
-    matched = 0
     for colors, shapes, places in described:
         hit = next(
             (o for o in unmatched if {o["color"]} == colors and {o["shape"]} == shapes and o["position"] in places),
@@ -102,7 +101,12 @@ def detail_credit(objects: list[dict], answer: str) -> tuple[float, str]:
         )
         if hit is not None:
             unmatched.remove(hit)
-            matched += 1
+    return len(objects) - len(unmatched)
+
+
+def detail_credit(objects: list[dict], answer: str) -> tuple[float, str]:
+    described = described_objects(answer)
+    matched = matched_objects(objects, described)
     denominator = max(len(objects), len(described))
     return matched / denominator, f"{matched} of {len(objects)} objects described correctly, {len(described)} described"
 

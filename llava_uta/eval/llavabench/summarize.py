@@ -1,9 +1,14 @@
 """Summarize review files: relative score per category and overall, as LLaVA's summarize_gpt_review.py.
 
 Per category and for `all`: the mean of each score column rounded to 3 decimals, then relative score =
-model mean / reference mean x 100, and both means x 10, each rounded to 1 decimal (llava.md §5.3). Failed
-reviews (`error`, tuple [-1, -1]) are left out of those figures and counted; the `LLaVA rel.` column is the
-relative score with them included as LLaVA computes it, for comparison with published numbers.
+model mean / reference mean x 100, and both means x 10, each rounded to 1 decimal. Failed reviews (an `error`
+field, or the [-1, -1] tuple of a review file written by LLaVA) are left out of those figures and counted. The
+`LLaVA rel.` column is the relative score as LLaVA computes it: each review's `content` parsed by LLaVA's exact
+parse_score (the stored tuple where a record has no content), failures averaged in as -1.
+
+Each table names the judge model and rule file (path, sha256) the reviews were made with: scores are comparable
+only between reviews by the same judge with the same rule file. LLaVA's published numbers were judged by
+gpt-4-0314, which is retired, with LLaVA's llava/eval/table/rule.json.
 """
 
 from __future__ import annotations
@@ -18,10 +23,15 @@ from pathlib import Path
 import numpy as np
 
 from llava_uta.eval.llavabench.jsonl import read_jsonl
+from llava_uta.eval.llavabench.judges import llava_parse_score
+from llava_uta.eval.llavabench.review import WILD_PREFIX, is_failed, review_source, source_key
 from llava_uta.io_utils import save_figure_atomic, write_text_atomic
 
 CATEGORY_ORDER = ("conv", "detail", "complex")
-PREFIX = "llava_bench_"
+COMPARABILITY = (
+    "Scores are comparable only between reviews made by the same judge model with the same rule file (sha256). "
+    "LLaVA's published LLaVA-Bench numbers were judged by gpt-4-0314 (retired) with LLaVA's llava/eval/table/rule.json."
+)
 
 
 @dataclass
@@ -32,7 +42,7 @@ class CategoryScore:
     model: float  # model mean x 10
     reviews: int
     failed: int
-    llava_relative: float  # relative score with failed reviews counted as -1, as LLaVA does
+    llava_relative: float  # relative score as LLaVA computes it: its parse of the reviews, failures as -1
 
 
 def llava_figures(tuples: list[list[float]]) -> tuple[float, float, float]:
@@ -44,8 +54,13 @@ def llava_figures(tuples: list[list[float]]) -> tuple[float, float, float]:
     return relative, round(ref * 10, 1), round(model * 10, 1)
 
 
+def llava_tuple(record: dict) -> list[float]:
+    """The score pair LLaVA's scripts would record: its parse_score of `content`, else the stored tuple."""
+    return llava_parse_score(record["content"]) if "content" in record else list(record["tuple"])
+
+
 def _order(category: str) -> tuple:
-    name = category.removeprefix(PREFIX)
+    name = category.removeprefix(WILD_PREFIX)
     return (name == "all", CATEGORY_ORDER.index(name) if name in CATEGORY_ORDER else len(CATEGORY_ORDER), name)
 
 
@@ -58,10 +73,10 @@ def summarize_reviews(records: list[dict]) -> list[CategoryScore]:
     rows = []
     for category in sorted(groups, key=_order):
         group = groups[category]
-        valid = [r["tuple"] for r in group if "error" not in r]
+        valid = [r["tuple"] for r in group if not is_failed(r)]
         relative, reference, model = llava_figures(valid)
-        llava_relative = llava_figures([r["tuple"] for r in group])[0]
-        name = category.removeprefix(PREFIX)
+        llava_relative = llava_figures([llava_tuple(r) for r in group])[0]
+        name = category.removeprefix(WILD_PREFIX)
         rows.append(
             CategoryScore(name, relative, reference, model, len(group), len(group) - len(valid), llava_relative)
         )
@@ -72,9 +87,18 @@ def _fmt(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{x:.1f}"
 
 
-def markdown_table(name: str, rows: list[CategoryScore]) -> str:
+def sources(records: list[dict]) -> list[str]:
+    """The distinct judge + rule file descriptions of the reviews, in order of appearance."""
+    return list(dict.fromkeys(map(review_source, records)))
+
+
+def markdown_table(name: str, rows: list[CategoryScore], made_with: list[str]) -> str:
+    """The per-category table of one review file, headed by the judge(s) and rule file(s) it was made with."""
+    mixed = " (MIXED: scores within this file are not comparable)" if len(made_with) > 1 else ""
     lines = [
         f"### {name}",
+        "",
+        f"Made with {'; '.join(made_with)}{mixed}.",
         "",
         "| category | relative | reference x10 | model x10 | reviews | failed | LLaVA rel. (-1 incl.) |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -128,10 +152,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    results = {review_name(path): summarize_reviews(read_jsonl(path)) for path in args.files}
-    tables = [markdown_table(name, rows) for name, rows in results.items()]
+    files = {review_name(path): read_jsonl(path) for path in args.files}
+    results = {name: summarize_reviews(records) for name, records in files.items()}
+    tables = [markdown_table(name, results[name], sources(records)) for name, records in files.items()]
     if len(results) > 1:
-        tables.append("### relative score (%)\n\n" + comparison_table(results))
+        same = len({frozenset(map(source_key, records)) for records in files.values()}) == 1
+        warning = "" if same else "NOT COMPARABLE: these files were reviewed by different judges or rule files.\n\n"
+        tables.append("### relative score (%)\n\n" + warning + comparison_table(results))
+    tables.append(COMPARABILITY)
     text = "\n\n".join(tables) + "\n"
     print(text, end="")
     if args.markdown:

@@ -1,0 +1,138 @@
+"""Does the assistant look at the image? Short-answer accuracy per attribute on held-out ShapesWorld images.
+
+    llava-uta-bench grounding --model-path runs/shapes/llava/uta/stage2 \\
+        --question-file playground/data/shapes/eval/grounding/questions.jsonl \\
+        --image-folder playground/data/shapes/eval/grounding/images \\
+        --answers-file runs/grounding/answers.jsonl --output runs/grounding/result.json
+
+Every held-out image (`eval/grounding/`, never in a training split) gets one question of each kind: colour of
+an object, its shape, a count, an object's position, whether an object exists, and a left/right/above/below
+relation (scenes with two objects or more), each asked LLaVA-1.5's short-answer way ("Answer the question using
+a single word or phrase."); plus a detailed description. An answer is right when it names the true value and no
+other value of that attribute ("It is red." is right for red; "red or blue" is not), the count it settles on is
+the true count, or its first yes / no is the true one. Descriptions are scored by object F1: an object counts as
+found when one sentence names its colour, shape and position, F1 = 2 x found / (true objects + described
+objects). Each kind's *chance* is the share of its most frequent true answer (what a model that always gives
+that answer scores), the floor an image-blind model can reach from the question alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+
+from llava_uta.data.shapes.scene import COLORS
+from llava_uta.eval.llavabench.answer import answer_questions
+from llava_uta.eval.llavabench.jsonl import read_jsonl
+from llava_uta.eval.llavabench.shapes_judge import (
+    SHAPE_WORDS,
+    described_objects,
+    matched_objects,
+    positions,
+    stated_count,
+    verdict,
+)
+from llava_uta.eval.llavabench.shapes_judge import words as answer_words
+from llava_uta.io_utils import write_json_atomic
+from llava_uta.serve.loader import add_model_arguments, load_from_args
+
+KINDS = ("color", "shape", "count", "position", "existence", "relation")
+SHORT_MAX_NEW_TOKENS = 16
+
+
+def named_values(kind: str, answer: str) -> set:
+    """The values of the asked attribute that an answer names."""
+    if kind == "color":
+        return {w for w in answer_words(answer) if w in COLORS}
+    if kind == "shape":
+        return {SHAPE_WORDS[w] for w in answer_words(answer) if w in SHAPE_WORDS}
+    if kind == "position":
+        return set(positions(answer))
+    if kind == "count":
+        return {stated_count(answer)} - {None}
+    return {verdict(answer)} - {None}
+
+
+def truth_value(kind: str, facts: dict):
+    return facts[{"count": "count", "existence": "answer", "relation": "answer"}.get(kind, kind)]
+
+
+def is_correct(kind: str, facts: dict, answer: str) -> bool:
+    """True when the answer names the true value of the asked attribute and no other value."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown grounding question kind {kind!r}; expected one of {KINDS} or 'detail'")
+    return named_values(kind, answer) == {truth_value(kind, facts)}
+
+
+def object_f1(objects: list[dict], answer: str) -> float:
+    """F1 of the objects a description names correctly (colour, shape and position in one sentence)."""
+    described = described_objects(answer)
+    return 2 * matched_objects(objects, described) / (len(objects) + len(described))
+
+
+def score(questions: list[dict], answers: list[dict]) -> dict:
+    """Accuracy and chance per kind, the description F1 and the mean accuracy over kinds."""
+    by_id = {a["question_id"]: a["text"] for a in answers}
+    missing = [q["question_id"] for q in questions if q["question_id"] not in by_id]
+    if missing:
+        raise ValueError(f"{len(missing)} questions have no answer (first ids: {missing[:5]})")
+    result: dict = {"kinds": {}}
+    for kind in KINDS:
+        rows = [q for q in questions if q["kind"] == kind]
+        if not rows:
+            continue
+        truths = Counter(str(truth_value(kind, q["facts"])) for q in rows)
+        right = sum(is_correct(kind, q["facts"], by_id[q["question_id"]]) for q in rows)
+        result["kinds"][kind] = {"n": len(rows), "accuracy": right / len(rows),
+                                 "chance": truths.most_common(1)[0][1] / len(rows)}
+    details = [q for q in questions if q["kind"] == "detail"]
+    if details:
+        f1 = [object_f1(q["facts"]["objects"], by_id[q["question_id"]]) for q in details]
+        result["detail"] = {"n": len(details), "object_f1": sum(f1) / len(f1)}
+    accuracies = [k["accuracy"] for k in result["kinds"].values()]
+    result["mean_accuracy"] = sum(accuracies) / len(accuracies) if accuracies else None
+    return result
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """A markdown table, one row per model, accuracy per kind with the chance row first."""
+    kinds = [k for k in KINDS if any(k in r["kinds"] for r in results.values())]
+    first = next(iter(results.values()))
+    head = "| model | " + " | ".join(kinds) + " | mean | description F1 |"
+    lines = [head, "| --- |" + " ---: |" * (len(kinds) + 2)]
+    chance = [f"{first['kinds'][k]['chance'] * 100:.0f}" if k in first["kinds"] else "" for k in kinds]
+    lines.append("| chance (most frequent answer) | " + " | ".join(chance) + " | | |")
+    for name, r in results.items():
+        cells = [f"{r['kinds'][k]['accuracy'] * 100:.1f}" if k in r["kinds"] else "" for k in kinds]
+        f1 = f"{r['detail']['object_f1'] * 100:.1f}" if "detail" in r else ""
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['mean_accuracy'] * 100:.1f} | {f1} |")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--question-file", required=True, help="eval/grounding/questions.jsonl of a ShapesWorld")
+    parser.add_argument("--image-folder", required=True)
+    parser.add_argument("--answers-file", required=True, help="answers are appended here (resumable)")
+    parser.add_argument("--output", required=True, help="result JSON (accuracy and chance per kind, F1)")
+    parser.add_argument("--model-id", help="recorded with each answer (default: the model folder's name)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="for descriptions; short answers get 16")
+    parser.add_argument("--batch-size", type=int, default=8, help="questions per generate call (left-padded)")
+
+
+def run(args: argparse.Namespace) -> None:
+    questions = read_jsonl(args.question_file)
+    unknown = sorted({q.get("kind") for q in questions} - {*KINDS, "detail"}, key=str)
+    if unknown:
+        raise ValueError(f"{args.question_file}: unknown question kind(s) {unknown}; expected {KINDS} or 'detail'")
+    loaded = load_from_args(args)
+    model_id = args.model_id or Path(args.model_path).name
+    short = [q for q in questions if q["kind"] != "detail"]
+    detail = [q for q in questions if q["kind"] == "detail"]
+    for rows, max_new_tokens in ((short, SHORT_MAX_NEW_TOKENS), (detail, args.max_new_tokens)):
+        answer_questions(loaded, rows, args.image_folder, args.answers_file, model_id, args.conv_mode,
+                         max_new_tokens=max_new_tokens, batch_size=args.batch_size)
+    result = {"model_id": model_id, **score(questions, read_jsonl(args.answers_file))}
+    write_json_atomic(args.output, result)
+    print(format_table({model_id: result}))
