@@ -1,7 +1,9 @@
-"""The Gradio app in a subprocess: the /chat API (streamed = greedy), concurrency, bad uploads, and a real browser."""
+"""The Gradio app in a subprocess: the /chat API (streamed = greedy), concurrency, bad uploads, a real browser, and
+the examples chosen for the model (ShapesWorld or photos)."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -17,9 +19,12 @@ from browser import CHROMIUM, Browser
 from gradio_client import Client, handle_file
 from PIL import Image
 
+from llava_uta.data.shapes.writer import BENCH_DIR, ShapesWorldConfig, build
 from llava_uta.serve.chat import ChatSession
+from llava_uta.serve.examples import PHOTO_QUESTIONS, example_rows, shapes_source
 from llava_uta.serve.images import MAX_PIXELS, open_upload, prepare
 from llava_uta.serve.loader import load_pretrained_model
+from llava_uta.serve.web import main as web_main
 
 QUESTION = "What is in the image?"
 MAX_NEW_TOKENS = 12
@@ -147,3 +152,62 @@ def test_browser_upload_chat_and_screenshot(app, folders):
     finally:
         browser.close()
     assert (folders["root"] / "web.png").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """A tiny ShapesWorld folder, as llava-uta-shapes writes it."""
+    out = tmp_path_factory.mktemp("web") / "shapes"
+    build(ShapesWorldConfig(image_size=32, num_clip=8, num_pretrain=8, num_zeroshot_per_class=1, num_stage1=4,
+                            num_stage2=4, num_bench_images=5, clip_group_size=2), out, workers=1)
+    return out
+
+
+def _model_trained_on(tmp_path: Path, folders, data_path: Path, image_folder: Path | None) -> Path:
+    """A copy of the stage-2 config.json that records other training data."""
+    config = json.loads((folders["stage2"] / "config.json").read_text())
+    config |= {"train_data_path": str(data_path), "train_image_folder": str(image_folder) if image_folder else None}
+    tmp_path.mkdir()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def test_training_records_its_data_in_config(folders):
+    for kind, data in (("stage1", "pretrain.json"), ("stage2", "instruct.json"), ("lora", "instruct.json")):
+        config = json.loads((folders[kind] / "config.json").read_text())
+        assert config["train_data_path"] == str((folders["data"] / data).resolve())
+        assert config["train_image_folder"] == str(folders["data"].resolve())
+
+
+def test_examples_are_photos_unless_the_model_learned_shapes_world(folders, world, tmp_path):
+    shapes_dir, why = shapes_source(folders["stage2"], None)  # trained on a folder that is not ShapesWorld
+    assert shapes_dir is None and "photo" in why
+    photos = example_rows(tmp_path / "cache", shapes_dir)
+    assert [Path(image).stem for image, _ in photos] == list(PHOTO_QUESTIONS)
+
+    questions = [json.loads(line) for line in (world / BENCH_DIR / "questions.jsonl").read_text().splitlines()]
+    first = {q["image"]: q["text"] for q in reversed(questions)}  # each image's first question
+    expected = [[str(world / BENCH_DIR / "images" / name), first[name]] for name in sorted(first)[:4]]
+    for model in (
+        _model_trained_on(tmp_path / "by-folder", folders, world / "llava" / "instruct.json", world),
+        _model_trained_on(tmp_path / "by-json", folders, world / "llava" / "instruct.json", None),
+    ):
+        shapes_dir, why = shapes_source(model, None)
+        assert shapes_dir == world and "training data" in why
+        assert example_rows(tmp_path / "cache", shapes_dir) == expected
+    assert shapes_source(folders["stage2"], world)[0] == world  # --shapes-dir decides for any model
+
+
+def test_web_refuses_a_shapes_dir_that_is_not_shapes_world(folders, capsys):
+    with pytest.raises(SystemExit):
+        web_main(["--model-path", str(folders["stage2"]), "--shapes-dir", str(folders["data"])])
+    assert "not a ShapesWorld folder" in capsys.readouterr().err
+
+
+def test_app_shows_the_examples_chosen_for_its_model(app):
+    with urllib.request.urlopen(app + "config", timeout=10) as response:
+        components = json.load(response)["components"]
+    samples = next(c["props"]["samples"] for c in components if c["type"] == "dataset")
+    assert [(image["orig_name"], question) for image, question in samples] == [
+        (f"{name}.jpg", question) for name, question in PHOTO_QUESTIONS.items()
+    ]

@@ -4,6 +4,9 @@
     llava-uta-web --model-path checkpoints/llava-uta-lora --host 0.0.0.0 --port 8000 --concurrency 4
     llava-uta-web --model-path checkpoints/llava-uta --shapes-dir playground/data/shapes --share
 
+The examples under the chat are ShapesWorld bench images and questions when `--shapes-dir` is given or the model's
+config.json records ShapesWorld training data (llava-uta-train writes it), real photos otherwise (examples.py).
+
 Each browser session keeps its own ChatSession (in a gr.State) over the one loaded model; all generation goes
 through it. A new image, a new preprocessing mode or "Clear" starts a new conversation. Requests wait in
 Gradio's queue, `--concurrency` of them generating at a time. The named endpoint `/chat` answers one question
@@ -24,7 +27,7 @@ import gradio as gr
 from gradio import FileData
 
 from llava_uta.serve.chat import ChatSession
-from llava_uta.serve.examples import example_rows
+from llava_uta.serve.examples import example_rows, shapes_source
 from llava_uta.serve.images import MODES, open_upload, prepare
 from llava_uta.serve.loader import LoadedModel, add_model_arguments, load_from_args
 
@@ -148,10 +151,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     parser.add_argument("--concurrency", type=int, default=2, help="requests generating at the same time")
-    parser.add_argument("--shapes-dir", type=Path, help="a ShapesWorld folder whose bench images become examples")
+    parser.add_argument(
+        "--shapes-dir",
+        type=Path,
+        help="a ShapesWorld folder whose bench images become the examples (default: the one the model was trained "
+        "on, if recorded; otherwise photos)",
+    )
     args = parser.parse_args(argv)
 
-    examples = example_rows(Path(tempfile.mkdtemp(prefix="llava-uta-examples-")), args.shapes_dir)
+    shapes_dir, why = shapes_source(args.model_path, args.shapes_dir)
+    try:
+        examples = example_rows(Path(tempfile.mkdtemp(prefix="llava-uta-examples-")), shapes_dir)
+    except FileNotFoundError as err:
+        parser.error(str(err))
+    print(f"examples: {why}")
     demo = build_demo(ImageChat(load_from_args(args), args.conv_mode), examples)
     demo.queue(default_concurrency_limit=args.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)

@@ -4,9 +4,11 @@
         --chat_json playground/data/shapes/llava/instruct.json --out checkpoints/tiny-lm
 
 The tokenizer is a byte-fallback BPE with `<image>` as a user-defined symbol (always one token) and `<pad>`,
-`<unk>`, `<s>`, `</s>` at ids 0-3; it is saved as a folder that `AutoTokenizer.from_pretrained` loads (checked
-against sentencepiece itself, env.md §6). The LM is then trained briefly (minutes on a CPU) on the corpus, plus
-the text of LLaVA conversations rendered with a chat template if `--chat_json` is given, so that it is not random.
+`<unk>`, `<s>`, `</s>` at ids 0-3, its vocabulary fitted to the corpus: `--vocab_size` is an upper bound (a small
+corpus gives fewer pieces, with a printed note), raised when the corpus has more distinct characters than it
+allows. It is saved as a folder that `AutoTokenizer.from_pretrained` loads (checked against sentencepiece itself,
+env.md §6). The LM is then trained briefly (minutes on a CPU) on the corpus, plus the text of LLaVA conversations
+rendered with a chat template if `--chat_json` is given, so that it is not random.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import math
 import random
+import re
 import time
 from pathlib import Path
 
@@ -41,14 +44,13 @@ def chat_texts(chat_json: str | Path, version: str) -> list[str]:
     return texts
 
 
-def train_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 1000):
-    """Train the sentencepiece model, save it as a transformers tokenizer folder, and return the loaded tokenizer."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def train_sentencepiece(texts: list[str], model_prefix: str, vocab_size: int) -> None:
+    """Byte-fallback BPE with the pipeline's special tokens; `vocab_size` is an upper bound (hard_vocab_limit off)."""
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
-        model_prefix=str(out_dir / "tokenizer"),
+        model_prefix=model_prefix,
         vocab_size=vocab_size,
+        hard_vocab_limit=False,  # a small corpus yields fewer pieces instead of an error
         model_type="bpe",
         pad_id=0,
         unk_id=1,
@@ -60,6 +62,34 @@ def train_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 100
         remove_extra_whitespaces=False,
         minloglevel=2,
     )
+
+
+def train_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 1000):
+    """Train the sentencepiece model, fitted to the corpus, save it as a transformers tokenizer folder, and load it.
+
+    The vocabulary holds at most `vocab_size` pieces (fewer when the corpus has no more merges to offer) and at
+    least what the corpus requires (its characters, 256 byte pieces and the 5 special tokens); a note is printed
+    whenever the size differs from `vocab_size`.
+    """
+    if not texts:
+        raise ValueError("no text to train the tokenizer on: the corpus is empty")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prefix = str(out_dir / "tokenizer")
+    try:
+        train_sentencepiece(texts, prefix, vocab_size)
+    except RuntimeError as err:
+        required = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(err))
+        if required is None:
+            raise ValueError(f"sentencepiece could not train a tokenizer on this corpus: {err}") from None
+        print(f"note: --vocab_size {vocab_size} is below the {required[1]} pieces this corpus requires (its "
+              f"characters, 256 byte pieces, 5 special tokens): using {required[1]}")
+        vocab_size = int(required[1])
+        train_sentencepiece(texts, prefix, vocab_size)
+    pieces = spm.SentencePieceProcessor(model_file=prefix + ".model").get_piece_size()
+    if pieces < vocab_size:
+        print(f"note: this corpus yields only {pieces} sentencepiece pieces: the vocabulary has {pieces}, "
+              f"not --vocab_size {vocab_size}")
     (out_dir / "tokenizer.vocab").unlink()
     tokenizer = AutoTokenizer.from_pretrained(out_dir, add_bos_token=True, add_eos_token=False, **SPECIAL_TOKENS)
     specials = [*SPECIAL_TOKENS.values(), DEFAULT_IMAGE_TOKEN]  # sentencepiece reads these as text
@@ -138,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chat_json", help="LLaVA conversation JSON to add, rendered with --version")
     parser.add_argument("--version", default="v1", help="chat template for --chat_json")
     parser.add_argument("--out", required=True, help="folder for the tokenizer and the model")
-    parser.add_argument("--vocab_size", type=int, default=1000)
+    parser.add_argument("--vocab_size", type=int, default=1000, help="at most (fitted to the corpus)")
     parser.add_argument("--hidden_size", type=int, default=128)
     parser.add_argument("--num_layers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=300)
@@ -151,15 +181,22 @@ def main(argv: list[str] | None = None) -> None:
     texts = [line for line in Path(args.corpus).read_text().splitlines() if line.strip()]
     if args.chat_json:
         texts += chat_texts(args.chat_json, args.version)
+    if not texts:
+        parser.error(f"--corpus {args.corpus} has no non-empty line (and --chat_json adds no conversation)")
     random.Random(args.seed).shuffle(texts)
     tokenizer = train_tokenizer(texts, args.out, args.vocab_size)
+    stream = token_stream(texts, tokenizer)
+    seq_len = min(args.seq_len, len(stream) - 1)
+    if seq_len < args.seq_len:
+        print(f"note: the corpus is {len(stream)} tokens long: windows of {seq_len}, not --seq_len {args.seq_len}")
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(tiny_llama_config(tokenizer, args.hidden_size, args.num_layers))
     start = time.time()
-    losses = pretrain_lm(model, token_stream(texts, tokenizer), args.steps, args.batch_size, args.seq_len, args.lr)
+    losses = pretrain_lm(model, stream, args.steps, args.batch_size, seq_len, args.lr)
     model.save_pretrained(args.out)
     write_jsonl_atomic(Path(args.out) / "train_log.jsonl", [{"step": i + 1, "loss": x} for i, x in enumerate(losses)])
-    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    k = min(10, len(losses))
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
     print(f"tiny LM: {model.num_parameters():,} params, loss {first:.3f} -> {last:.3f} in {time.time() - start:.0f} s")
     print(f"wrote {args.out}")
 

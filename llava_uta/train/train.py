@@ -108,10 +108,14 @@ def prepare_model(model, model_args: ModelArguments, training_args: TrainingArgu
     return model
 
 
-def save_outputs(trainer: LLaVATrainer, model_args: ModelArguments, training_args: TrainingArguments) -> None:
+def save_outputs(
+    trainer: LLaVATrainer, model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+) -> None:
     out = Path(training_args.output_dir)
     model = base_llava(trainer.accelerator.unwrap_model(trainer.model))
     model.config.conv_mode = model_args.version  # the serving loader's default conversation template
+    model.config.train_data_path = str(Path(data_args.data_path).resolve())  # what it learned from (web examples)
+    model.config.train_image_folder = str(Path(data_args.image_folder).resolve()) if data_args.image_folder else None
     if model_args.tune_mm_mlp_adapter:
         state = projector_to_llava(model.model.multi_modal_projector, projector_type_of(model))
         if trainer.is_world_process_zero():
@@ -179,7 +183,7 @@ def train(argv: list[str] | None = None) -> LLaVATrainer:
     trainer = build_trainer(model_args, data_args, training_args)
     trainer.train(resume_from_checkpoint=resume_point(training_args))
     trainer.save_state()
-    save_outputs(trainer, model_args, training_args)
+    save_outputs(trainer, model_args, data_args, training_args)
     return trainer
 
 
