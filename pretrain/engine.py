@@ -2,8 +2,11 @@
 
 Each optimizer step draws `batch_size` images (split over ranks and gradient-accumulation micro-batches),
 runs the frozen teacher on the full view, runs the student as the objective prescribes, and aligns them.
-Checkpoints hold the student (safetensors) plus optimizer, scheduler, RNG state and the step, from which
-the data position follows, so `--resume` continues exactly.
+Checkpoints hold the student (safetensors) plus optimizer, scheduler, every rank's RNG state and the step, from
+which the data position follows, so `--resume` continues exactly.
+
+Randomness: the student is initialised alike on every rank (`seed`); model-side randomness (drop path) is then
+seeded per rank (`seed + rank`, as MAE/EVA do), while crops, flips and masks depend only on (seed, epoch, index).
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import open_clip
 import torch
 import torch.distributed as dist
 from timm.optim import create_optimizer_v2
@@ -26,11 +28,12 @@ from tqdm import tqdm
 
 from llava_uta.io_utils import write_json_atomic
 from llava_uta.model.checkpoint import load_state_dict_file, load_strict, save_uta_vit
+from llava_uta.model.openclip_loader import create_openclip, openclip_tokenizer
 from llava_uta.model.uta_vit import UTAViT, build_uta_vit
 from pretrain.data import EpochSampler, MaskedViews, image_source, train_transform
 from pretrain.masking import MASKING_KINDS, KeepIndexGenerator
 from pretrain.objectives import OBJECTIVES, objective_loss
-from pretrain.teacher import CLIPTeacher, load_clip
+from pretrain.teacher import CLIPTeacher
 from pretrain.teacher_cache import TeacherCache
 from pretrain.zeroshot import ZeroShotProbe
 
@@ -42,12 +45,17 @@ class PretrainArguments:
     data_path: str = field(metadata={"help": "ImageFolder root, a .tar shard, or a folder / glob of tar shards"})
     output_dir: str = field(metadata={"help": "checkpoints, logs and the final student go here"})
     teacher: str = field(default="EVA01-g-14-plus", metadata={"help": "open_clip model name or local-dir:PATH"})
-    teacher_pretrained: str | None = field(default=None, metadata={"help": "local teacher weights file"})
+    teacher_pretrained: str | None = field(default=None, metadata={
+        "help": "local teacher weights file, open_clip or EVA-CLIP layout (e.g. BAAI's EVA01_CLIP_g_14_plus .pt)"})
     teacher_precision: str = field(default="fp32", metadata={"help": "fp32 | bf16 | fp16"})
     model: str = field(default="uta_b14_224", metadata={"help": "student config name (UTA_VIT_CONFIGS)"})
     image_size: int | None = field(default=None, metadata={"help": "override the student's image size"})
     objective: str = field(default="uta", metadata={"help": f"one of {OBJECTIVES}"})
-    masking: str = field(default="reversed_block", metadata={"help": f"one of {MASKING_KINDS}"})
+    masking: str | None = field(default=None, metadata={
+        "help": f"one of {MASKING_KINDS}; default: block for mim (EVA-02 masks the blocks), reversed_block otherwise"})
+    min_block: int | None = field(default=None, metadata={
+        "help": "smallest masking rectangle in patches; default: BEiT's 16 at 14x14 and up, the same share of "
+                "a smaller grid (pretrain/masking.py)"})
     mask_ratio: float = field(default=0.4, metadata={"help": "0.4 for base, 0.5 for large (paper card)"})
     cls_weight: float | None = field(default=None, metadata={"help": "CLS share of the loss; default: plain mean"})
     epochs: float = 150.0
@@ -88,6 +96,30 @@ class PretrainArguments:
     cache_views: int = field(default=1, metadata={"help": "fixed views per image with --teacher_cache"})
     local_rank: int = -1
 
+    def __post_init__(self) -> None:
+        if self.masking is None:
+            self.masking = "block" if self.objective == "mim" else "reversed_block"
+
+
+def save_rng_state(path: Path) -> None:
+    """Save this process's CPU RNG state and, on a GPU, its device's CUDA RNG state (drop path draws from these)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    torch.save(state, path)
+
+
+def load_rng_state(path: Path) -> None:
+    """Restore what `save_rng_state` wrote (the CUDA state where this process has a GPU)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no RNG state for this rank (was the checkpoint written by fewer ranks?)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not isinstance(state.get("cpu"), torch.Tensor):
+        raise ValueError(f"{path}: expected a dict with the CPU RNG state under 'cpu' (and 'cuda' from a GPU)")
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
 
 def distributed_setup(args: PretrainArguments) -> tuple[int, int, torch.device]:
     """(rank, world size, device); starts the process group when a launcher set WORLD_SIZE > 1."""
@@ -112,12 +144,12 @@ class Pretrainer:
         self.rank, self.world, self.device = distributed_setup(args)
         self.use_deepspeed = self.world > 1 or args.deepspeed
         self.out = Path(args.output_dir)
-        torch.manual_seed(args.seed)
+        torch.manual_seed(args.seed)  # the same initial student on every rank
 
-        clip = load_clip(args.teacher, args.teacher_pretrained)
+        clip = create_openclip(args.teacher, args.teacher_pretrained)
         self.probe = None
         if args.eval_data:  # class weights from the teacher's text tower, built once
-            self.probe = ZeroShotProbe.build(clip, open_clip.get_tokenizer(args.teacher), args.eval_data,
+            self.probe = ZeroShotProbe.build(clip, openclip_tokenizer(args.teacher), args.eval_data,
                                              clip.visual.image_size[0], self.device, args.eval_classnames,
                                              args.eval_templates, workers=min(args.workers, 2))
             self.probe.teacher_accuracy = self.probe.evaluate(clip)
@@ -131,8 +163,9 @@ class Pretrainer:
         if args.grad_checkpointing:
             student.set_grad_checkpointing(True)
         self.student: UTAViT = student.to(self.device)
+        torch.manual_seed(args.seed + self.rank)  # drop path: each rank its own draws
 
-        masks = KeepIndexGenerator(self.grid, args.mask_ratio, args.masking)
+        masks = KeepIndexGenerator(self.grid, args.mask_ratio, args.masking, args.min_block)
         views = train_transform(student.cfg.img_size, (args.crop_min_scale, 1.0), args.flip)
         self.dataset = MaskedViews(image_source(args.data_path), views, masks, args.seed)
         if args.teacher_cache:
@@ -246,14 +279,15 @@ class Pretrainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self._barrier()
-        state = {"step": self.step, "train_seconds": self.train_seconds, "scheduler": self.scheduler.state_dict(),
-                 "torch_rng": torch.get_rng_state()}
+        save_rng_state(tmp / f"rng_rank{self.rank}.pt")
+        state = {"step": self.step, "train_seconds": self.train_seconds, "scheduler": self.scheduler.state_dict()}
         if self.engine:
             self.engine.save_checkpoint(str(tmp), tag="deepspeed", client_state=state)
         elif self.rank == 0:
             torch.save({**state, "optimizer": self.optimizer.state_dict()}, tmp / "state.pt")
+        self.save_student(tmp / "student.safetensors")
+        self._barrier()  # every rank's files are in place
         if self.rank == 0:
-            save_uta_vit(self.unwrapped, tmp / "student.safetensors")
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             for old in self.checkpoint_dirs()[: -self.args.keep_last]:
@@ -269,9 +303,30 @@ class Pretrainer:
             load_strict(self.student, load_state_dict_file(path / "student.safetensors"), str(path))
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
+        load_rng_state(path / f"rng_rank{self.rank}.pt")
         self.step = state["step"]
         self.train_seconds = state.get("train_seconds", 0.0)
+
+    def save_student(self, path: Path) -> None:
+        """Write the student with fp32 weights (rank 0); a collective under DeepSpeed --bf16, so every rank calls it.
+
+        DeepSpeed's bf16 mode casts the module to bf16 and keeps the fp32 master weights, partitioned over the
+        ranks, in its optimizer: those are gathered and saved, not the bf16-rounded copies.
+        """
+        model = self.unwrapped
+        if self.engine and self.args.bf16:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            masters = {name: safe_get_full_fp32_param(param) for name, param in model.named_parameters()}
+            if missing := [name for name, value in masters.items() if value is None]:
+                raise RuntimeError(f"DeepSpeed holds no fp32 master weights for {missing[:8]}")
+            if self.rank != 0:
+                return
+            with torch.random.fork_rng(devices=[]):  # initialising the copy must not advance drop path's RNG
+                model = UTAViT(model.cfg)
+            load_strict(model, {k: v.cpu() for k, v in masters.items()}, "the DeepSpeed fp32 master weights")
+        if self.rank == 0:
+            save_uta_vit(model, path)
 
     @property
     def unwrapped(self) -> UTAViT:
@@ -342,8 +397,8 @@ class Pretrainer:
         if self.probe:
             summary["zeroshot"] = self.probe.evaluate(self.unwrapped)
             summary["teacher_zeroshot"] = self.probe.teacher_accuracy
+        self.save_student(self.out / "student.safetensors")
         if self.rank == 0:
-            save_uta_vit(self.unwrapped, self.out / "student.safetensors")
             write_json_atomic(self.out / "summary.json", summary)
         logger.close()
         return summary

@@ -10,6 +10,10 @@ so a batch of kept indices is a rectangular (B, K) tensor.
   are spatially balanced: the paper's default reading.
 - `block_or_complement`: per sample, `block` or `reversed_block` with probability 1/2 each.
 
+The smallest rectangle (`min_block` patches) defaults to BEiT's `min_num_patches=16`, set for a 14x14 grid and
+kept by EVA-02 at 16x16. A smaller grid keeps the same share of the patches, round(16 * N / 196) and at least 1
+(5 on the 8x8 grid of the embedded default, 1 on 4x4); larger grids keep 16.
+
     python -m pretrain.masking --grid 16 --mask-ratio 0.5 --kind reversed_block --out masks.png
 """
 
@@ -24,9 +28,15 @@ import numpy as np
 import torch
 
 MASKING_KINDS = ("random", "block", "reversed_block", "block_or_complement")
+BEIT_MIN_BLOCK, BEIT_NUM_PATCHES = 16, 14 * 14  # BEiT's min_num_patches on its 14x14 grid
 
 
-def block_mask(height: int, width: int, count: int, rng: random.Random, min_block: int = 4,
+def default_min_block(num_patches: int) -> int:
+    """BEiT's minimum block (16 patches at 14x14, EVA-02's at 16x16), scaled to the same share of a smaller grid."""
+    return max(1, min(BEIT_MIN_BLOCK, round(BEIT_MIN_BLOCK * num_patches / BEIT_NUM_PATCHES)))
+
+
+def block_mask(height: int, width: int, count: int, rng: random.Random, min_block: int = BEIT_MIN_BLOCK,
                max_block: int | None = None, min_aspect: float = 0.3) -> np.ndarray:
     """A (height, width) bool mask with exactly `count` cells set, made of rectangles (BEiT-style).
 
@@ -68,7 +78,7 @@ class KeepIndexGenerator:
     """Draws the sorted indices (raster order) of the K patches the student keeps in one image."""
 
     def __init__(self, grid: int | tuple[int, int], mask_ratio: float, kind: str = "reversed_block",
-                 min_block: int = 4, min_aspect: float = 0.3, seed: int | None = None):
+                 min_block: int | None = None, min_aspect: float = 0.3, seed: int | None = None):
         if kind not in MASKING_KINDS:
             raise ValueError(f"unknown masking kind {kind!r}; expected one of {MASKING_KINDS}")
         if not 0.0 <= mask_ratio < 1.0:
@@ -77,7 +87,10 @@ class KeepIndexGenerator:
         self.num_patches = self.height * self.width
         self.num_masked = round(mask_ratio * self.num_patches)
         self.num_keep = self.num_patches - self.num_masked
-        self.kind, self.min_block, self.min_aspect = kind, min_block, min_aspect
+        if min_block is not None and min_block < 1:
+            raise ValueError(f"min_block must be at least 1 patch, got {min_block}")
+        self.kind, self.min_aspect = kind, min_aspect
+        self.min_block = default_min_block(self.num_patches) if min_block is None else min_block
         self.rng = random.Random(seed)
 
     def seed(self, seed: int) -> None:
@@ -102,7 +115,7 @@ class KeepIndexGenerator:
 
     def __repr__(self) -> str:
         return (f"KeepIndexGenerator(grid={self.height}x{self.width}, kind={self.kind}, "
-                f"keep={self.num_keep}/{self.num_patches})")
+                f"keep={self.num_keep}/{self.num_patches}, min_block={self.min_block})")
 
 
 def keep_frequency(generator: KeepIndexGenerator, draws: int) -> np.ndarray:
@@ -146,12 +159,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid", type=int, default=16, help="patch grid side (224 px / patch 14 = 16)")
     parser.add_argument("--mask-ratio", type=float, default=0.5)
     parser.add_argument("--kind", choices=MASKING_KINDS, default="reversed_block")
+    parser.add_argument("--min-block", type=int, default=None, help="smallest rectangle; default: BEiT's for the grid")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--draws", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("masks.png"))
     args = parser.parse_args(argv)
-    generator = KeepIndexGenerator(args.grid, args.mask_ratio, args.kind, seed=args.seed)
+    generator = KeepIndexGenerator(args.grid, args.mask_ratio, args.kind, args.min_block, seed=args.seed)
     freq = render_masks(generator, args.out, args.samples, args.draws)
     corner, center = freq[0, 0], freq[args.grid // 2, args.grid // 2]
     print(f"{generator}: keep frequency corner {corner:.2f}, center {center:.2f}, "

@@ -8,12 +8,13 @@ Targets for an image with an N-patch grid are a (B, 1 + N, E) tensor:
 
 from __future__ import annotations
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
 from torch import nn
+
+from llava_uta.model.openclip_loader import create_openclip
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -22,11 +23,6 @@ def dtype_of(precision: str) -> torch.dtype:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     return PRECISIONS[precision]
-
-
-def load_clip(name: str, pretrained: str | None = None) -> nn.Module:
-    """An open_clip model by name or 'local-dir:PATH'; weights only from local files."""
-    return open_clip.create_model(name, pretrained=pretrained)
 
 
 class CLIPTeacher(nn.Module):
@@ -56,9 +52,9 @@ class CLIPTeacher(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name: str, pretrained: str | None = None, precision: str = "fp32") -> CLIPTeacher:
-        """Any open_clip model by name ('EVA01-g-14-plus', 'local-dir:PATH', ...) with local weights."""
+        """An open_clip model by name + local weights (open_clip or EVA-CLIP layout) or 'local-dir:PATH'."""
         dtype = dtype_of(precision)  # refuse a bad flag before loading a large model
-        return cls(load_clip(name, pretrained).visual, dtype)
+        return cls(create_openclip(name, pretrained).visual, dtype)
 
     def train(self, mode: bool = True) -> CLIPTeacher:
         return super().train(False)  # always frozen

@@ -149,3 +149,25 @@ def test_converter_and_fresh_process_round_trip(tmp_path, official_checkpoint):
     torch.testing.assert_close(fresh["official_tower"], official, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(fresh["student_tower"], student_embedding, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(fresh["llava"], logits, atol=1e-6, rtol=1e-6)
+
+
+def test_frozen_tower_with_drop_path_stays_deterministic_when_llava_trains():
+    """The Trainer calls model.train(): a frozen tower built with drop-path must still give its eval-mode features."""
+    vit_cfg = build_uta_vit("uta_test_p8_32", drop_path_rate=0.1).cfg  # 2 blocks: drop-path 0 then 0.1
+    llava = _llava(UTAVisionConfig.from_vit_config(vit_cfg), vision_feature_layer=-1)  # the block that drops
+    tower = llava.model.vision_tower
+    assert tower.config.drop_path_rate == 0.1
+    tower.requires_grad_(False)  # what build_llava and the trainer do
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = torch.cat(llava.get_image_features(pixel_values=x).pooler_output)  # llava is in eval mode
+        llava.train()
+        first = torch.cat(llava.get_image_features(pixel_values=x).pooler_output)
+        second = torch.cat(llava.get_image_features(pixel_values=x).pooler_output)
+    torch.testing.assert_close(first, reference, rtol=0, atol=0)
+    torch.testing.assert_close(second, reference, rtol=0, atol=0)
+    assert not tower.training and not any(m.training for m in tower.modules())
+    assert llava.training and llava.model.multi_modal_projector.training  # the rest of the model does train
+    tower.requires_grad_(True)  # a tower that trains gets its drop-path back
+    llava.train()
+    assert tower.training and tower.vit.blocks[1].drop_path1.training

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pretrain.masking import MASKING_KINDS, KeepIndexGenerator, block_mask, keep_frequency, main
+from pretrain.masking import MASKING_KINDS, KeepIndexGenerator, block_mask, default_min_block, keep_frequency, main
 
 
 @pytest.mark.parametrize("kind", MASKING_KINDS)
@@ -64,15 +64,30 @@ def test_spatial_behaviour_of_each_kind():
     assert neighbours_kept(KeepIndexGenerator(16, 0.5, "random", seed=1)) < 0.6
 
 
+def test_min_block_defaults_to_beit_scaled_to_the_grid():
+    # BEiT: 16 patches at 14x14; EVA-02 keeps 16 at 16x16; smaller grids keep the same share, at least 1
+    assert [default_min_block(g * g) for g in (4, 8, 12, 14, 16, 24)] == [1, 5, 12, 16, 16, 16]
+    assert KeepIndexGenerator(14, 0.4, "block").min_block == 16 and KeepIndexGenerator(8, 0.5).min_block == 5
+    assert KeepIndexGenerator((6, 10), 0.3).min_block == 5  # 16 x 60/196
+    assert KeepIndexGenerator(14, 0.4, min_block=4).min_block == 4  # an explicit value wins
+    # larger smallest rectangles make more compact kept sets
+    beit = neighbours_kept(KeepIndexGenerator(14, 0.4, "reversed_block", seed=1))
+    assert beit > neighbours_kept(KeepIndexGenerator(14, 0.4, "reversed_block", min_block=4, seed=1)) + 0.01
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="unknown masking kind"):
         KeepIndexGenerator(16, 0.5, "checkerboard")
     with pytest.raises(ValueError, match="mask_ratio"):
         KeepIndexGenerator(16, 1.0)
+    with pytest.raises(ValueError, match="min_block must be at least 1"):
+        KeepIndexGenerator(16, 0.5, min_block=0)
 
 
 def test_render_command_writes_png(tmp_path, capsys):
     out = tmp_path / "masks.png"
     main(["--grid", "8", "--mask-ratio", "0.5", "--samples", "4", "--draws", "200", "--out", str(out)])
     assert Image.open(out).size[0] > 200
-    assert "keep=32/64" in capsys.readouterr().out
+    assert "keep=32/64, min_block=5" in capsys.readouterr().out
+    main(["--grid", "8", "--min-block", "2", "--samples", "2", "--draws", "10", "--out", str(out)])
+    assert "min_block=2" in capsys.readouterr().out

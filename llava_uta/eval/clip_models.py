@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from llava_uta.model.checkpoint import load_uta_vit, student_config_path
 from llava_uta.model.official import UTACLIP, load_official_checkpoint
+from llava_uta.model.openclip_loader import create_openclip, openclip_tokenizer
 
 
 @dataclass
@@ -43,31 +44,15 @@ class OpenCLIPText(nn.Module):
         return self.clip.encode_text(tokens)
 
 
-def create_openclip(name: str, weights: str | os.PathLike | None = None) -> nn.Module:
-    """An open_clip model: NAME (weights from a local file, loaded with weights_only=True) or local-dir:PATH.
-
-    Nothing is downloaded: a weights argument that is not a file (e.g. a tag such as "openai") is refused.
-    """
-    name = name.removeprefix("openclip:")
-    if name.startswith("local-dir:"):
-        if weights:
-            raise ValueError(f"{name} holds its own weights: do not also give a weights file ({weights})")
-    elif name not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip model {name!r} (see open_clip.list_models(), or use local-dir:PATH)")
-    if weights and not os.path.isfile(weights):
-        raise FileNotFoundError(f"open_clip weights {weights}: no such file (weights are only read from local files)")
-    return open_clip.create_model(name, pretrained=str(weights) if weights else None, require_pretrained=bool(weights))
-
-
 def load_openclip(spec: str, weights: str | os.PathLike | None) -> ZeroShotModel:
-    """openclip:NAME (weights from a local file, loaded with weights_only=True) or openclip:local-dir:PATH."""
+    """openclip:NAME (weights from a local file, open_clip or EVA-CLIP layout) or openclip:local-dir:PATH."""
     name = spec.removeprefix("openclip:")
     model = create_openclip(name, weights)
     cfg = open_clip.get_model_preprocess_cfg(model)
     size = cfg.get("size", 224)
     return ZeroShotModel(
         model.eval(),
-        open_clip.get_tokenizer(name),
+        openclip_tokenizer(name),
         size if isinstance(size, int) else size[0],
         tuple(cfg.get("mean", OPENAI_DATASET_MEAN)),
         tuple(cfg.get("std", OPENAI_DATASET_STD)),

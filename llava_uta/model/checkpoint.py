@@ -103,9 +103,28 @@ def load_uta_vit_config(path: str | os.PathLike) -> UTAViTConfig:
     return UTAViTConfig(**fields)
 
 
-def load_uta_vit(path: str | os.PathLike, **overrides) -> UTAViT:
-    """Load a UTA student checkpoint; overrides replace config fields that do not change the weights."""
+def resize_uta_vit(model: UTAViT, img_size: int) -> UTAViT:
+    """Give a loaded UTAViT another (square) input size, in place, e.g. a 224 px student as a 336 px LLaVA tower.
+
+    timm's `Eva.set_input_size` resamples the learned absolute position embedding (`resample_abs_pos_embed`,
+    bicubic, the CLS row kept as is) and rebuilds the RoPE table for the new grid on the same reference grid, i.e.
+    the table a model built at the new size has. The patch size, and so every other weight, is unchanged.
+    """
+    if img_size <= 0:
+        raise ValueError(f"image size must be positive, got {img_size}")
+    if img_size != model.cfg.img_size:
+        cfg = dataclasses.replace(model.cfg, img_size=img_size)  # refuses a size that is not a multiple of the patch
+        model.set_input_size(img_size=(img_size, img_size))
+        model.cfg = cfg
+    return model
+
+
+def load_uta_vit(path: str | os.PathLike, img_size: int | None = None, **overrides) -> UTAViT:
+    """Load a UTA student checkpoint, at another input size if img_size is given (see resize_uta_vit).
+
+    overrides replace config fields that do not change the weights (e.g. drop_path_rate).
+    """
     cfg = dataclasses.replace(load_uta_vit_config(path), **overrides)
     model = UTAViT(cfg)
     load_strict(model, load_state_dict_file(path), str(path))
-    return model
+    return model if img_size is None else resize_uta_vit(model, img_size)

@@ -2,12 +2,15 @@
 
     llava-uta-convert official_uta_l14_336.pt towers/uta-l14-336            # a released checkpoint
     llava-uta-convert runs/uta/student.safetensors towers/uta-student      # a pre-training student (+ .json)
+    llava-uta-convert runs/uta/student.safetensors towers/uta-336 --image-size 336   # a 224 px student at 336 px
     llava-uta-convert runs/uta/student.safetensors uta_student.safetensors --to official \
         --text-model local-dir:runs/teacher                                 # the released key layout
     llava-uta-convert --from-open-clip local-dir:runs/teacher towers/teacher   # an open_clip ViT CLIP, for comparison
+    llava-uta-convert --blind towers/uta-student towers/blind     # the blind baseline: patch embedding zeroed
 
 The folder loads with `AutoModel.from_pretrained` / `AutoImageProcessor.from_pretrained` once `llava_uta` is
-imported, and serves as the vision tower of a Llava model.
+imported, and serves as the vision tower of a Llava model. `--image-size` resamples the absolute position embedding
+and rebuilds RoPE for the new grid (checkpoint.resize_uta_vit); the tower carries no drop-path (an inference tower).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from transformers.image_utils import PILImageResampling
 from llava_uta.model.checkpoint import load_uta_vit, student_config_path
 from llava_uta.model.hf_vision import UTAVisionModel
 from llava_uta.model.official import export_official, load_official_visual
+from llava_uta.model.openclip_loader import create_openclip
 from llava_uta.model.uta_vit import UTAViT
 
 
@@ -44,30 +48,28 @@ def clip_image_processor(
     )
 
 
-def load_any_uta_vit(path: str | os.PathLike, kind: str = "auto") -> UTAViT:
-    """A student checkpoint (has PATH.json beside it) or a released checkpoint's vision tower."""
+def load_any_uta_vit(path: str | os.PathLike, kind: str = "auto", image_size: int | None = None) -> UTAViT:
+    """A student checkpoint (PATH.json beside it) or a released checkpoint's vision tower, at image_size if given."""
     if kind == "auto":
         kind = "student" if student_config_path(path).is_file() else "official"
-    return load_uta_vit(path) if kind == "student" else load_official_visual(path)
+    return load_uta_vit(path, image_size) if kind == "student" else load_official_visual(path, image_size)
 
 
-def convert(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, kind: str = "auto") -> Path:
+def convert(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, kind: str = "auto",
+            image_size: int | None = None) -> Path:
+    """Write the tower folder (model + CLIPImageProcessor at the tower's input size)."""
     out_dir = Path(out_dir)
-    vit = load_any_uta_vit(checkpoint, kind)
+    vit = load_any_uta_vit(checkpoint, kind, image_size)
     UTAVisionModel.from_vit(vit).save_pretrained(out_dir)
     clip_image_processor(vit.cfg.img_size).save_pretrained(out_dir)
     return out_dir
 
 
 def export_to_official(checkpoint: str | os.PathLike, out_file: str | os.PathLike, text_model: str | None = None,
-                       kind: str = "auto") -> Path:
+                       kind: str = "auto", image_size: int | None = None) -> Path:
     """Write a checkpoint in the released key layout (.safetensors), with the text tower of an open_clip model."""
-    vit = load_any_uta_vit(checkpoint, kind)
-    clip = None
-    if text_model:
-        import open_clip
-
-        clip = open_clip.create_model(text_model.removeprefix("openclip:"))
+    vit = load_any_uta_vit(checkpoint, kind, image_size)
+    clip = create_openclip(text_model) if text_model else None
     out_file = Path(out_file)
     tmp = out_file.with_name(f".{out_file.name}.tmp")
     save_file(export_official(vit, clip), tmp)
@@ -84,26 +86,38 @@ def main(argv: list[str] | None = None) -> None:
                         help="convert this open_clip ViT CLIP (local-dir:PATH, or a name such as ViT-B-16 with "
                         "--open-clip-pretrained) to a transformers CLIP vision tower instead of a UTA checkpoint")
     parser.add_argument("--open-clip-pretrained", metavar="PATH", help="with --from-open-clip NAME: its weights file")
+    parser.add_argument("--blind", metavar="TOWER_DIR",
+                        help="copy this tower folder with its patch embedding zeroed: every image gives the same "
+                        "tokens (the blind baseline for LLaVA)")
     parser.add_argument("--kind", choices=("auto", "official", "student"), default="auto")
     parser.add_argument("--to", choices=("hf", "official"), default="hf",
                         help="a transformers vision-tower folder, or the released UTA key layout")
     parser.add_argument("--text-model", help="with --to official: open_clip model (e.g. local-dir:runs/teacher) "
                         "whose text tower is written as text.*")
+    parser.add_argument("--image-size", type=int, metavar="PX",
+                        help="input size of the written model, e.g. 336 for a 224 px student (position embedding "
+                        "resampled, RoPE rebuilt for the new grid); default: the checkpoint's own")
     args = parser.parse_args(argv)
-    if (args.checkpoint is None) == (args.from_open_clip is None):
-        parser.error("give either a UTA checkpoint or --from-open-clip NAME")
+    if sum(x is not None for x in (args.checkpoint, args.from_open_clip, args.blind)) != 1:
+        parser.error("give one of: a UTA checkpoint, --from-open-clip NAME, --blind TOWER_DIR")
     if args.open_clip_pretrained and not args.from_open_clip:
         parser.error("--open-clip-pretrained needs --from-open-clip NAME")
-    if args.from_open_clip:
+    if args.image_size is not None and args.checkpoint is None:
+        parser.error("--image-size applies to a UTA checkpoint (student or released), not to another tower")
+    if args.blind:
+        from llava_uta.model.blind_tower import blind_tower
+
+        out = blind_tower(args.blind, args.out)
+    elif args.from_open_clip:
         if args.to != "hf":
             parser.error("--from-open-clip writes a transformers tower folder only (--to hf)")
         from llava_uta.model.openclip_tower import convert_open_clip  # it imports clip_image_processor from here
 
         out = convert_open_clip(args.from_open_clip, args.out, args.open_clip_pretrained)
     elif args.to == "official":
-        out = export_to_official(args.checkpoint, args.out, args.text_model, args.kind)
+        out = export_to_official(args.checkpoint, args.out, args.text_model, args.kind, args.image_size)
     else:
-        out = convert(args.checkpoint, args.out, args.kind)
+        out = convert(args.checkpoint, args.out, args.kind, args.image_size)
     print(f"wrote {out}")
 
 

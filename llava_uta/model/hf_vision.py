@@ -8,6 +8,8 @@ Importing this module registers the classes with AutoConfig / AutoModel under mo
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
@@ -86,8 +88,8 @@ class UTAVisionModel(PreTrainedModel):
 
     @classmethod
     def from_vit(cls, vit: UTAViT) -> UTAVisionModel:
-        """Wrap trained UTAViT weights (a student or an official tower)."""
-        model = cls(UTAVisionConfig.from_vit_config(vit.cfg))
+        """Wrap trained UTAViT weights (a student or an official tower) as a tower without drop-path."""
+        model = cls(UTAVisionConfig.from_vit_config(dataclasses.replace(vit.cfg, drop_path_rate=0.0)))
         model.vit.load_state_dict({k: v for k, v in vit.state_dict().items() if k != "mask_token"})  # MIM-only
         return model
 
@@ -109,6 +111,15 @@ class UTAVisionModel(PreTrainedModel):
             init.trunc_normal_(module.cls_token, std=0.02)
         if hasattr(module, "init_non_persistent_buffers"):
             module.init_non_persistent_buffers()
+
+    def train(self, mode: bool = True) -> UTAVisionModel:
+        """A frozen tower (no parameter requires grad) stays in eval mode whatever `mode` says.
+
+        LLaVA freezes the tower and the Trainer calls `model.train()` on the whole Llava model every step: this keeps
+        a tower configured with drop-path (a student's drop_path_rate) from making its features stochastic.
+        """
+        frozen = not any(p.requires_grad for p in self.parameters())
+        return super().train(mode and not frozen)
 
     @property
     def gradient_checkpointing(self) -> bool:

@@ -111,7 +111,7 @@ def build_llava(
     if select_feature not in SELECT_FEATURES:
         raise ValueError(f"mm_vision_select_feature must be one of {sorted(SELECT_FEATURES)}, got {select_feature!r}")
     lm = load_language_model(language_model, dtype)
-    tower = load_vision_tower(vision_tower).requires_grad_(False).to(lm.dtype)
+    tower = load_vision_tower(vision_tower).requires_grad_(False).eval().to(lm.dtype)  # frozen, no drop-path
     image_token_id = add_image_token(tokenizer)
     resize_embeddings(lm, len(tokenizer))
     strategy = SELECT_FEATURES[select_feature]

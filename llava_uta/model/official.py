@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from open_clip.transformer import TextTransformer
 from torch import Tensor, nn
 
-from llava_uta.model.checkpoint import CheckpointError, load_state_dict_file, load_strict
+from llava_uta.model.checkpoint import CheckpointError, load_state_dict_file, load_strict, resize_uta_vit
 from llava_uta.model.uta_vit import UTAViT, UTAViTConfig
 
 # official vision key fragment -> ours (timm Eva names); all other names are identical
@@ -154,10 +154,11 @@ def build_official_visual(visual: dict[str, Tensor], source: str) -> UTAViT:
     return model
 
 
-def load_official_visual(path: str | os.PathLike) -> UTAViT:
-    """Only the vision tower of a released checkpoint, in eval mode."""
+def load_official_visual(path: str | os.PathLike, img_size: int | None = None) -> UTAViT:
+    """Only the vision tower of a released checkpoint, in eval mode; at another input size if img_size is given."""
     visual, _, _ = split_official(load_state_dict_file(path), str(path))
-    return build_official_visual(visual, str(path)).eval()
+    model = build_official_visual(visual, str(path)).eval()
+    return model if img_size is None else resize_uta_vit(model, img_size)
 
 
 def load_official_checkpoint(path: str | os.PathLike, text_heads: int | None = None) -> UTACLIP:

@@ -121,6 +121,14 @@ class UTAViT(Eva):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"} | ({"mask_token"} if self.mask_token is not None else set())
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layers for layer-wise lr decay, as BEiT/EVA-02: embeddings + [MASK] first, blocks, then norm + head.
+
+        timm's Eva matcher puts the final norm with the last block and the unmatched [MASK] token at the top.
+        """
+        return dict(stem=r"^(?:cls_token|pos_embed|patch_embed|mask_token)",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^(?:norm|head)\.", (self.cfg.depth,))])
+
     def rope_embed(self, keep_indices: Tensor | None = None) -> Tensor:
         """RoPE sin|cos rows: (N, 2*head_dim) for the full grid, (B, 1, K, 2*head_dim) at the kept patches."""
         rope = self.rope.get_embed()

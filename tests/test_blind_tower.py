@@ -1,0 +1,40 @@
+"""The blind baseline's tower: same architecture and token count, the same tokens for every image."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from llava_uta.model.checkpoint import save_uta_vit
+from llava_uta.model.convert import main as convert_main
+from llava_uta.model.uta_vit import build_uta_vit
+
+
+@pytest.fixture(scope="module")
+def towers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("blind")
+    torch.manual_seed(0)
+    save_uta_vit(build_uta_vit("uta_test_p8_32"), root / "student.safetensors")
+    convert_main([str(root / "student.safetensors"), str(root / "tower")])
+    convert_main(["--blind", str(root / "tower"), str(root / "blind")])
+    return AutoModel.from_pretrained(root / "tower").eval(), AutoModel.from_pretrained(root / "blind").eval()
+
+
+def test_blind_tower_gives_the_same_tokens_for_every_image(towers):
+    tower, blind = towers
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        seen = tower(images, output_hidden_states=True).hidden_states[-2]
+        unseen = blind(images, output_hidden_states=True).hidden_states[-2]
+    assert unseen.shape == seen.shape == (2, 1 + 16, 32)
+    assert not torch.allclose(seen[0], seen[1])
+    torch.testing.assert_close(unseen[0], unseen[1])
+    assert blind.config.to_diff_dict() | {"_name_or_path": ""} == tower.config.to_diff_dict() | {"_name_or_path": ""}
+    differing = [k for k, v in blind.state_dict().items() if not torch.equal(v, tower.state_dict()[k])]
+    assert differing and all("patch_embed" in k for k in differing)
+
+
+def test_blind_needs_exactly_one_source(tmp_path):
+    with pytest.raises(SystemExit):
+        convert_main(["--blind", str(tmp_path / "a"), "--from-open-clip", "ViT-B-16", str(tmp_path / "b")])
