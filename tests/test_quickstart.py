@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoModel
 
+import llava_uta  # noqa: F401  (registers the UTA tower with AutoModel)
 from llava_uta.eval.llavabench.jsonl import read_jsonl
 from llava_uta.quickstart.pipeline import EQUAL_WALL_CLOCK, STUDENTS, TOWERS, Layout, RunState
 from llava_uta.quickstart.profiles import PROFILES, get_profile
@@ -42,7 +45,8 @@ def test_every_artifact_exists(run):
         expected += [paths.student(name) / "summary.json", paths.student(name) / "student.safetensors"]
     for tower in TOWERS:
         expected += [paths.tower(tower) / "config.json", paths.llava(tower, 1) / "mm_projector.bin",
-                     paths.llava(tower, 2) / "model.safetensors", paths.reviews(tower), paths.answers(tower)]
+                     paths.llava(tower, 2) / "model.safetensors", paths.reviews(tower), paths.answers(tower),
+                     paths.grounding(tower), paths.grounding_answers(tower)]
     missing = [str(p) for p in expected if not p.is_file()]
     assert not missing
     assert all(p.stat().st_size > 5_000 for p in paths.plots.glob("*.png"))
@@ -71,7 +75,8 @@ def test_results_report_every_model_and_equal_wall_clock_budgets(run):
     assert text in stdout
     for _, title in STUDENTS.values():
         assert f"| {title} |" in text
-    assert "| UTA student tower |" in text and "| teacher CLIP tower |" in text
+    for tower in TOWERS.values():  # LLaVA-Bench and grounding rows
+        assert text.count(f"| {tower} tower |") == 2
     summaries = {name: json.loads((paths.student(name) / "summary.json").read_text()) for name in STUDENTS}
     budget = summaries["uta"]["train_seconds"]
     assert summaries["uta"]["steps"] == summaries["uta-block"]["steps"] == PROFILES["fast"].student_steps
@@ -94,3 +99,24 @@ def test_other_budgets_in_the_same_runs_folder_are_refused(run):
         RunState(paths.state, get_profile("fast", student_steps=7), "fast")
     with pytest.raises(ValueError, match="unknown profile"):
         get_profile("huge")
+
+
+def test_blind_baseline_is_scored_like_every_tower(run):
+    """The blind row: same recipe, same questions, same scoring; its tower gives one set of tokens for all images."""
+    paths, _ = run
+    questions = read_jsonl(paths.data / "eval" / "grounding" / "questions.jsonl")
+    results = {t: json.loads(paths.grounding(t).read_text()) for t in TOWERS}
+    for tower, result in results.items():
+        assert len(read_jsonl(paths.grounding_answers(tower))) == len(questions)
+        assert {k: v["n"] for k, v in result["kinds"].items()} == \
+            {k: v["n"] for k, v in results["uta"]["kinds"].items()}
+        assert result["detail"]["n"] == results["uta"]["detail"]["n"]
+        for kind in result["kinds"].values():
+            assert 0 <= kind["accuracy"] <= 1 and 0 < kind["chance"] <= 1
+    args = [json.loads((paths.llava(t, 2) / "config.json").read_text()) for t in ("uta", "blind")]
+    assert args[0]["text_config"] == args[1]["text_config"]
+    blind = AutoModel.from_pretrained(paths.tower("blind")).eval()
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens = blind(images, output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(tokens[0], tokens[1])

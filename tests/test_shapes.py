@@ -15,10 +15,10 @@ from llava_uta.data.shapes import ShapesWorldConfig, build
 from llava_uta.data.shapes import language as lang
 from llava_uta.data.shapes.__main__ import main as shapes_main
 from llava_uta.data.shapes.scene import COLORS, SHAPES, largest_object, scene_key
-from llava_uta.data.shapes.writer import BENCH_DIR
+from llava_uta.data.shapes.writer import BENCH_DIR, GROUNDING_DIR
 
 SMALL = dict(num_clip=80, num_pretrain=80, num_zeroshot_per_class=2, num_stage1=40, num_stage2=60,
-             num_bench_images=30, questions_per_bench_image=2)
+             num_bench_images=30, questions_per_bench_image=2, num_grounding_images=12)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_rebuild_is_reused_and_foreign_data_is_protected(world, tmp_path, capsys
 
 def test_ground_truth_matches_pixels(world):
     scenes = read_jsonl(world / "scenes.jsonl")
-    assert len(scenes) == 80 + 80 + 48 * 2 + 30
+    assert len(scenes) == 80 + 80 + 48 * 2 + 30 + 12
     for scene in random.Random(0).sample(scenes, 60):
         pixels = np.asarray(Image.open(world / scene["image"]).convert("RGB"))
         assert pixels.shape == (64, 64, 3)
@@ -145,7 +145,7 @@ def test_llava_stage1_and_stage2_records(world):
     ids = [r["id"] for r in stage1 + stage2]
     assert len(set(ids)) == len(ids)
     kinds = {r["id"].rsplit("_", 1)[1] for r in stage2}
-    assert kinds == {"conv", "detail", "complex"}
+    assert kinds == {"conv", "short", "detail", "complex"}
     assert len({r["conversations"][0]["value"] for r in stage2}) > 30  # varied phrasings, not one template
 
 
@@ -177,6 +177,19 @@ def test_bench_layout_and_no_leakage(world):
     corpus = (world / "text/corpus.txt").read_text()
     assert DEFAULT_IMAGE_TOKEN not in corpus
     assert lang.detailed_description(truth[0]["scene"]) not in corpus
+
+
+def test_grounding_split_is_held_out_and_asks_every_kind(world):
+    grounding = world / GROUNDING_DIR
+    rows = read_jsonl(grounding / "questions.jsonl")
+    images = {p.name for p in (grounding / "images").glob("*.png")}
+    assert len(images) == 12 and {r["image"] for r in rows} == images
+    assert {r["kind"] for r in rows} == {"color", "shape", "count", "position", "existence", "relation", "detail"}
+    assert [r["question_id"] for r in rows] == list(range(len(rows)))
+    scenes = read_jsonl(world / "scenes.jsonl")
+    held_out = {scene_key(s) for s in scenes if s["image"].startswith(GROUNDING_DIR)}
+    training = [s for s in scenes if not s["image"].startswith("eval/")]
+    assert len(held_out) > 1 and not held_out & {scene_key(s) for s in training}
 
 
 SCENE = {"objects": [

@@ -33,7 +33,8 @@ STUDENTS = {
     "uta-random": (["--masking", "random"], "UTA, random masking"),
 }
 EQUAL_WALL_CLOCK = ("mim", "fd", "cls")
-TOWERS = {"uta": "UTA student", "teacher": "teacher CLIP"}
+# LLaVA's vision towers. "blind" is the UTA tower with its patch embedding zeroed: the same recipe, no image.
+TOWERS = {"uta": "UTA student", "teacher": "teacher CLIP", "blind": "blind (image withheld)"}
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Layout:
     def __init__(self, data: Path, runs: Path):
         self.data, self.runs = data, runs
         self.bench = data / "eval" / "llava-bench-shapes"
+        self.grounding_questions = data / "eval" / "grounding"
         self.teacher = runs / "teacher"
         self.teacher_cache = runs / "teacher-cache"
         self.lm = runs / "tiny-lm"
@@ -71,6 +73,12 @@ class Layout:
 
     def answers(self, tower: str) -> Path:
         return self.runs / "bench" / f"answers-{tower}.jsonl"
+
+    def grounding(self, tower: str) -> Path:
+        return self.runs / "grounding" / f"{tower}.json"
+
+    def grounding_answers(self, tower: str) -> Path:
+        return self.runs / "grounding" / f"answers-{tower}.jsonl"
 
 
 class RunState:
@@ -130,11 +138,14 @@ class Pipeline:
             Stage("lm", "tokenizer + tiny Llama (llava-uta-tiny-lm)", p.lm / "model.safetensors", self.train_lm),
             *self.llava_stages("uta"),
         ]
-        if compare:
-            stages += [self.student_stage(name) for name in STUDENTS if name != "uta"]
-            stages += [Stage("tower-teacher", "teacher CLIP -> LLaVA tower (llava-uta-convert --from-open-clip)",
+        if compare:  # the LLaVA controls first (minutes), then the other students
+            stages += [Stage("tower-blind", "blind tower: UTA's with its patch embedding zeroed (llava-uta-convert "
+                             "--blind)", p.tower("blind") / "config.json", self.convert_blind),
+                       *self.llava_stages("blind"),
+                       Stage("tower-teacher", "teacher CLIP -> LLaVA tower (llava-uta-convert --from-open-clip)",
                              p.tower("teacher") / "config.json", self.convert_teacher),
                        *self.llava_stages("teacher")]
+            stages += [self.student_stage(name) for name in STUDENTS if name != "uta"]
         return stages
 
     # ---- ShapesWorld, teacher, language model
@@ -198,6 +209,11 @@ class Pipeline:
 
         main(["--from-open-clip", f"local-dir:{self.paths.teacher}", str(self.paths.tower("teacher"))])
 
+    def convert_blind(self) -> None:
+        from llava_uta.model.convert import main
+
+        main(["--blind", str(self.paths.tower("uta")), str(self.paths.tower("blind"))])
+
     def llava_stages(self, tower: str) -> list[Stage]:
         name = TOWERS[tower]
         return [
@@ -207,6 +223,8 @@ class Pipeline:
                   self.paths.llava(tower, 2) / "model.safetensors", lambda: self.train_llava(tower, 2)),
             Stage(f"bench-{tower}", f"LLaVA-Bench, {name} tower (llava-uta-bench answer + review)",
                   self.paths.reviews(tower), lambda: self.bench(tower)),
+            Stage(f"grounding-{tower}", f"grounding, {name} tower (llava-uta-bench grounding)",
+                  self.paths.grounding(tower), lambda: self.grounding(tower)),
         ]
 
     def train_llava(self, tower: str, stage: int) -> None:
@@ -245,3 +263,13 @@ class Pipeline:
               "--answer-list", str(b / "answers_gpt4.jsonl"), str(self.paths.answers(tower)), "--output", str(partial),
               "--judge", "shapes", "--ground-truth", str(b / "ground_truth.jsonl")])
         partial.replace(out)
+
+    def grounding(self, tower: str) -> None:
+        from llava_uta.eval.llavabench.__main__ import main
+
+        g = self.paths.grounding_questions
+        main(["grounding", "--model-path", str(self.paths.llava(tower, 2)), "--question-file",
+              str(g / "questions.jsonl"), "--image-folder", str(g / "images"), "--answers-file",
+              str(self.paths.grounding_answers(tower)), "--output", str(self.paths.grounding(tower)),
+              "--model-id", f"llava-{tower}", "--max-new-tokens", str(self.profile.bench_max_new_tokens),
+              "--batch-size", "8"])

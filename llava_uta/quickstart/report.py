@@ -7,6 +7,7 @@ import os
 import platform
 from pathlib import Path
 
+from llava_uta.eval.llavabench.grounding import format_table as grounding_table
 from llava_uta.eval.llavabench.jsonl import read_jsonl
 from llava_uta.eval.llavabench.summarize import comparison_table, plot, summarize_reviews
 from llava_uta.io_utils import save_figure_atomic, write_text_atomic
@@ -114,6 +115,14 @@ def write_report(paths: Layout, state: dict, profile_name: str) -> str:
         plot(results, paths.plots / "bench.png")
         sections += ["", "## LLaVA-Bench (ShapesWorld, offline judge), relative score (%)", "",
                      comparison_table(results)]
+    grounding = {f"{TOWERS[t]} tower": _read_json(paths.grounding(t)) for t in TOWERS}
+    grounding = {name: result for name, result in grounding.items() if result}
+    if grounding:
+        sections += ["", "## Grounding (held-out images, short answers), accuracy (%)", "",
+                     grounding_table(grounding), "",
+                     "`llava-uta-bench grounding`: one question per kind and image, right when the answer names the "
+                     "true value alone; chance = share of the most frequent true answer. The blind tower is UTA's with "
+                     "its patch embedding zeroed (same recipe, no image): a tower helps by its margin over that row."]
     curves = loss_curves(paths)
     if curves:
         plot_losses(curves, paths.plots / "losses.png")

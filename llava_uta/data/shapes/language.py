@@ -130,9 +130,10 @@ def describe(obj: dict, scene: dict) -> str:
 
 def ask_color(scene: dict, rng: random.Random) -> QA:
     o = rng.choice(scene["objects"])
-    if rng.random() < 0.5:
+    d = describe(o, scene)
+    if rng.random() < 0.5 and o["color"] not in d.split():  # never name the colour asked for
         q = rng.choice(("What color is the {d}?", "Which color does the {d} have?", "Tell me the color of the {d}."))
-        q = q.format(d=describe(o, scene))
+        q = q.format(d=d)
     else:
         q = rng.choice(("What color is the object {w}?", "What is the color of the shape {w}?")).format(
             w=where(o["position"])
@@ -311,3 +312,44 @@ def conversation(scene: dict, rng: random.Random, turns: int) -> list[QA]:
             seen.add(qa.question)
             qas.append(qa)
     return qas
+
+
+# ---- short answers: LLaVA-1.5's VQA style ("Answer the question using a single word or phrase.") ----
+
+SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
+SHORT_QUESTIONS = {  # grounding kind -> question maker; relations need two objects
+    "color": ask_color,
+    "shape": ask_shape,
+    "count": ask_count,
+    "position": ask_position,
+    "existence": ask_existence,
+    "relation": ask_relation,
+}
+
+
+def short_answer(kind: str, facts: dict) -> str:
+    """The one word or phrase that answers a question of `kind`: 'red', 'circle', 'three', 'top left', 'yes'."""
+    if kind in ("color", "shape", "position"):
+        return facts[kind]
+    if kind == "count":
+        return NUMBERS[facts["count"]]
+    return facts["answer"]
+
+
+def short_question(kind: str, scene: dict, rng: random.Random) -> QA:
+    """A question of `kind` with the short-answer prompt, its short answer, and only the fact it asks for."""
+    qa = SHORT_QUESTIONS[kind](scene, rng)
+    key = {"count": "count", "existence": "answer", "relation": "answer"}.get(kind, kind)
+    facts = {key: qa.facts[key]}
+    return QA(f"{qa.question}\n{SHORT_ANSWER_PROMPT}", short_answer(kind, facts), kind, facts)
+
+
+def short_kinds(scene: dict) -> list[str]:
+    """The short-answer kinds a scene supports (relations need two objects)."""
+    return [k for k in SHORT_QUESTIONS if k != "relation" or len(scene["objects"]) > 1]
+
+
+def short_conversation(scene: dict, rng: random.Random, turns: int) -> list[QA]:
+    """Several short-answer questions of different kinds about one image."""
+    kinds = short_kinds(scene)
+    return [short_question(k, scene, rng) for k in rng.sample(kinds, min(turns, len(kinds)))]

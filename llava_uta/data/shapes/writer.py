@@ -15,9 +15,12 @@ from llava_uta.constants import DEFAULT_IMAGE_TOKEN
 from llava_uta.data.shapes import language as lang
 from llava_uta.data.shapes.scene import COLORS, SHAPES, largest_object, render, sample_scene, scene_key, shape_variants
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 BENCH_DIR = "eval/llava-bench-shapes"
 BENCH_CATEGORIES = ("conv", "detail", "complex")
+GROUNDING_DIR = "eval/grounding"
+# Stage-2 mix, as in LLaVA-1.5: Instruct-150K's three kinds plus short-answer VQA ("single word or phrase").
+STAGE2_MIX = {"conv": 0.3, "short": 0.3, "detail": 0.15, "complex": 0.25}
 
 
 @dataclass
@@ -31,9 +34,10 @@ class ShapesWorldConfig:
     num_pretrain: int = 20000  # unlabeled images for UTA pre-training (ImageFolder layout)
     num_zeroshot_per_class: int = 20  # single-object images per colour+shape class
     num_stage1: int = 10000  # LLaVA stage-1 caption samples (on the CLIP images)
-    num_stage2: int = 6000  # LLaVA stage-2 instruction samples (on the pre-training images)
+    num_stage2: int = 8000  # LLaVA stage-2 instruction samples (on the pre-training images)
     num_bench_images: int = 30
     questions_per_bench_image: int = 2
+    num_grounding_images: int = 100  # held-out images with short-answer questions of every kind + a description
 
     def validate(self) -> None:
         if self.image_size < 32:
@@ -44,6 +48,7 @@ class ShapesWorldConfig:
             "num_zeroshot_per_class",
             "num_bench_images",
             "questions_per_bench_image",
+            "num_grounding_images",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -133,12 +138,14 @@ def stage1_records(scenes: list[dict], rng: random.Random) -> list[dict]:
 
 
 def stage2_records(scenes: list[dict], rng: random.Random) -> list[dict]:
-    """LLaVA-Instruct-150K format: multi-turn conversations, detailed descriptions, complex reasoning."""
+    """LLaVA-Instruct-150K format: conversations, short-answer VQA, detailed descriptions, complex reasoning."""
     records = []
     for s in scenes:
-        kind = rng.choices(("conv", "detail", "complex"), weights=(0.4, 0.2, 0.4))[0]
+        kind = rng.choices(list(STAGE2_MIX), weights=list(STAGE2_MIX.values()))[0]
         if kind == "conv":
             qas = lang.conversation(s, rng, turns=rng.randint(2, 4))
+        elif kind == "short":
+            qas = lang.short_conversation(s, rng, turns=rng.randint(2, 4))
         elif kind == "detail":
             qas = [lang.detail_question(s, rng)]
         else:
@@ -194,6 +201,21 @@ def bench_files(scenes: list[dict], rng: random.Random, per_image: int) -> dict[
     }
 
 
+def grounding_questions(scenes: list[dict], rng: random.Random) -> list[dict]:
+    """Per held-out image: one short-answer question of every kind it supports, then a detailed description.
+
+    Each row carries its short reference answer and the fact it checks (`llava-uta-bench grounding` scores them).
+    """
+    rows = []
+    for s in scenes:
+        image = Path(s["image"]).name
+        qas = [lang.short_question(k, s, rng) for k in lang.short_kinds(s)] + [lang.detail_question(s, rng)]
+        for qa in qas:
+            rows.append({"question_id": len(rows), "image": image, "text": qa.question, "kind": qa.kind,
+                         "answer": qa.answer, "facts": qa.facts})
+    return rows
+
+
 def generate(cfg: ShapesWorldConfig, out: Path, workers: int = 2) -> dict[str, int]:
     """Write the whole world into `out` and return what was written, with counts.
 
@@ -204,9 +226,13 @@ def generate(cfg: ShapesWorldConfig, out: Path, workers: int = 2) -> dict[str, i
 
     # The bench comes first: its scenes are excluded from every training split.
     bench = sample_unique_scenes(split_rng(cfg.seed, "bench"), cfg.num_bench_images, size, set(), exclude_single=True)
-    bench_keys = {scene_key(s) for s in bench}
     for i, s in enumerate(bench):
         s["image"] = f"{BENCH_DIR}/images/{i:03d}.png"
+    bench_keys = {scene_key(s) for s in bench}
+    grounding = sample_unique_scenes(split_rng(cfg.seed, "grounding"), cfg.num_grounding_images, size, bench_keys)
+    for i, s in enumerate(grounding):
+        s["image"] = f"{GROUNDING_DIR}/images/{i:03d}.png"
+    bench_keys |= {scene_key(s) for s in grounding}  # no held-out scene appears in any training split
     clip = sample_scene_groups(split_rng(cfg.seed, "clip"), cfg.num_clip, size, bench_keys, cfg.clip_group_size)
     for i, s in enumerate(clip):
         s["image"] = f"clip/images/{i:06d}.png"
@@ -224,7 +250,7 @@ def generate(cfg: ShapesWorldConfig, out: Path, workers: int = 2) -> dict[str, i
             scene["image"] = f"zeroshot/val/{folder}/{k:04d}.png"
             zeroshot.append(scene)
 
-    scenes = bench + clip + pretrain + zeroshot
+    scenes = bench + grounding + clip + pretrain + zeroshot
     write_images(out, scenes, workers)
     write_jsonl(
         out / "scenes.jsonl", [{"image": s["image"], **{k: v for k, v in s.items() if k != "image"}} for s in scenes]
@@ -248,6 +274,8 @@ def generate(cfg: ShapesWorldConfig, out: Path, workers: int = 2) -> dict[str, i
     bench_out = bench_files(bench, split_rng(cfg.seed, "bench-questions"), cfg.questions_per_bench_image)
     for name, rows in bench_out.items():
         write_jsonl(out / BENCH_DIR / name, rows)
+    grounding_rows = grounding_questions(grounding, split_rng(cfg.seed, "grounding-questions"))
+    write_jsonl(out / GROUNDING_DIR / "questions.jsonl", grounding_rows)
 
     corpus = [t for _, t in captions]
     corpus += [
@@ -267,6 +295,8 @@ def generate(cfg: ShapesWorldConfig, out: Path, workers: int = 2) -> dict[str, i
         "llava/instruct.json": len(stage2),
         f"{BENCH_DIR}/images": len(bench),
         f"{BENCH_DIR}/questions.jsonl": len(bench_out["questions.jsonl"]),
+        f"{GROUNDING_DIR}/images": len(grounding),
+        f"{GROUNDING_DIR}/questions.jsonl": len(grounding_rows),
         "text/corpus.txt lines": len(corpus),
         "scenes.jsonl": len(scenes),
     }
