@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 
-import torch.distributed as dist
 from transformers import HfArgumentParser
 
+from llava_uta.distributed import end_process_group
 from pretrain.engine import PretrainArguments, Pretrainer
 
 
@@ -22,8 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     if trainer.rank == 0:
         shown = {k: v for k, v in summary.items() if k != "args"}
         print(json.dumps(shown, indent=2))
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    end_process_group()
 
 
 if __name__ == "__main__":

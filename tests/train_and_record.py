@@ -14,6 +14,7 @@ import argparse
 import torch
 from safetensors.torch import save_file
 
+from llava_uta.distributed import end_process_group
 from llava_uta.train.train import train
 
 
@@ -28,7 +29,7 @@ def main() -> None:
         logits = trainer.model.eval()(**batch).logits
     if trainer.is_world_process_zero():
         save_file({**batch, "logits": logits.contiguous()}, args.record)
-    torch.distributed.destroy_process_group()
+    end_process_group()
 
 
 if __name__ == "__main__":

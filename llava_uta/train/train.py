@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from llava_uta.data.llava_dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset, make_processor
+from llava_uta.distributed import end_process_group
 from llava_uta.model.llava_builder import NON_LORA_FILE, build_llava
 from llava_uta.model.projector import (
     load_llava_projector,
@@ -190,8 +191,7 @@ def train(argv: list[str] | None = None) -> LLaVATrainer:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     train(argv)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # avoids a rare abort at exit of CPU DeepSpeed ranks (env.md §2)
+    end_process_group()
 
 
 if __name__ == "__main__":
