@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# Every subprocess (DeepSpeed launcher, ranks, torch's JIT builds) finds this environment's tools first, so all
+# tests build DeepSpeed's CPU ops with the same ninja (a system ninja of another version rebuilds them each time).
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 # a 32 px, patch-8 vision tower (4x4 grid, so RoPE is interpolated from the 16-grid) and a 2-layer text tower
 TINY_OFFICIAL = dict(
