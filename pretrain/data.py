@@ -23,42 +23,78 @@ from pretrain.masking import KeepIndexGenerator
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
-class TarShardImages(Dataset):
-    """Images stored in webdataset-style tar shards, indexed once for random access (labels are ignored)."""
+class TarShards(Dataset):
+    """Samples of webdataset-style tar shards, indexed once for random access.
 
-    def __init__(self, shards: list[Path]):
+    As in webdataset, a sample is the run of consecutive members sharing a key (the member's path up to the first
+    dot of its file name: `0001.jpg` + `0001.txt` is sample `0001`). A sample is kept when it has an image and, with
+    `caption=True`, a `.txt` caption; items are `(image, 0)`, or `(image, caption)` with captions.
+    """
+
+    def __init__(self, shards: list[Path], caption: bool = False):
         if not shards:
             raise ValueError("no tar shards given")
-        self.shards = [Path(s) for s in shards]
-        self.members: list[tuple[int, int, int]] = []  # (shard, offset of data, size)
+        self.shards, self.caption = [Path(s) for s in shards], caption
+        self.samples: list[tuple[int, tuple[int, int], tuple[int, int] | None]] = []  # shard, image, text
         for i, shard in enumerate(self.shards):
+            for members in self._samples_of(shard):
+                image = next((members[e] for e in members if e in IMAGE_SUFFIXES), None)
+                text = members.get(".txt")
+                if image is not None and (text is not None or not caption):
+                    self.samples.append((i, image, text))
+        if not self.samples:
+            wanted = "image + .txt pairs" if caption else "images"
+            raise ValueError(f"no {wanted} ({', '.join(IMAGE_SUFFIXES)}) in shards {self.shards[:3]}...")
+
+    @staticmethod
+    def _samples_of(shard: Path) -> list[dict[str, tuple[int, int]]]:
+        """Per sample: {lower-case extension: (offset of the data, size)}."""
+        samples, key = [], None
+        try:
             with tarfile.open(shard) as tar:
-                self.members += [(i, m.offset_data, m.size) for m in tar
-                                 if m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES)]
-        if not self.members:
-            raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in shards {self.shards[:3]}...")
+                for m in tar:
+                    if not m.isfile():
+                        continue
+                    folder, _, name = m.name.rpartition("/")
+                    stem, dot, ext = name.partition(".")
+                    if (folder, stem) != key:
+                        samples.append({})
+                        key = (folder, stem)
+                    samples[-1][(dot + ext).lower()] = (m.offset_data, m.size)
+        except tarfile.TarError as e:
+            raise ValueError(f"{shard}: not a readable tar shard: {e}") from e
+        return samples
 
     def __len__(self) -> int:
-        return len(self.members)
+        return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        shard, offset, size = self.members[index]
+    def _read(self, shard: int, where: tuple[int, int]) -> bytes:
         with open(self.shards[shard], "rb") as f:
-            f.seek(offset)
-            return Image.open(io.BytesIO(f.read(size))).convert("RGB"), 0
+            f.seek(where[0])
+            return f.read(where[1])
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int | str]:
+        shard, image, text = self.samples[index]
+        picture = Image.open(io.BytesIO(self._read(shard, image))).convert("RGB")
+        return picture, self._read(shard, text).decode("utf-8").strip() if self.caption else 0
+
+
+def tar_shards(path: Path) -> list[Path]:
+    """A .tar shard, the shards in a folder, or the shards a brace-free glob names ([] if none)."""
+    if path.is_file():
+        return [path] if path.suffix == ".tar" else []
+    if path.is_dir():
+        return sorted(path.glob("*.tar"))
+    return sorted(path.parent.glob(path.name))
 
 
 def image_source(path: str | Path) -> Dataset:
     """An ImageFolder root, a tar shard, a folder of tar shards, or a brace-free glob of shards."""
     path = Path(path)
-    if path.is_file() and path.suffix == ".tar":
-        return TarShardImages([path])
+    if shards := tar_shards(path):
+        return TarShards(shards)
     if path.is_dir():
-        shards = sorted(path.glob("*.tar"))
-        return TarShardImages(shards) if shards else datasets.ImageFolder(str(path))
-    shards = sorted(path.parent.glob(path.name))
-    if shards:
-        return TarShardImages(shards)
+        return datasets.ImageFolder(str(path))
     raise FileNotFoundError(f"{path}: expected an ImageFolder root, a .tar shard or a folder/glob of shards")
 
 
@@ -74,6 +110,13 @@ def train_transform(image_size: int, crop_scale: tuple[float, float] = (0.2, 1.0
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 + epoch) * 100_000_007 + index
+
+
+def seeded_view(transform, image: Image.Image, seed: int) -> torch.Tensor:
+    """`transform(image)` with the global RNG seeded by `seed` for the call and left as it was after it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(image)
 
 
 class MaskedViews(Dataset):
@@ -100,9 +143,7 @@ class MaskedViews(Dataset):
 
     def view(self, index: int, view_number: int) -> torch.Tensor:
         """The augmented view `view_number` of image `index` (the same tensor every time it is asked for)."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, view_number, index))
-            return self.transform(self.source[index][0])
+        return seeded_view(self.transform, self.source[index][0], sample_seed(self.seed, view_number, index))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         view_number = self.view_number(self.epoch)

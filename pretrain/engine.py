@@ -11,16 +11,12 @@ seeded per rank (`seed + rank`, as MAE/EVA do), while crops, flips and masks dep
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader
@@ -31,6 +27,15 @@ from llava_uta.model.checkpoint import load_state_dict_file, load_strict, save_u
 from llava_uta.model.openclip_loader import create_openclip, openclip_tokenizer
 from llava_uta.model.uta_vit import UTAViT, build_uta_vit
 from pretrain.data import EpochSampler, MaskedViews, image_source, train_transform
+from pretrain.loop import (
+    RunArguments,
+    RunLogger,
+    StepCheckpoints,
+    deepspeed_engine,
+    distributed_setup,
+    fp32_state_dict,
+    global_mean,
+)
 from pretrain.masking import MASKING_KINDS, KeepIndexGenerator
 from pretrain.objectives import OBJECTIVES, objective_loss
 from pretrain.teacher import CLIPTeacher
@@ -39,7 +44,7 @@ from pretrain.zeroshot import ZeroShotProbe
 
 
 @dataclass
-class PretrainArguments:
+class PretrainArguments(RunArguments):
     """Flags of `uta-pretrain`; defaults follow the paper card (ImageNet-21K, UTA-B)."""
 
     data_path: str = field(metadata={"help": "ImageFolder root, a .tar shard, or a folder / glob of tar shards"})
@@ -80,60 +85,14 @@ class PretrainArguments:
     deepspeed: bool = field(default=False, metadata={"help": "use DeepSpeed even in a single process"})
     crop_min_scale: float = 0.2
     flip: bool = True
-    workers: int = 8
-    seed: int = 0
-    save_every: int = 1000
-    keep_last: int = 3
-    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir"})
-    log_every: int = 10
-    eval_every: int = field(default=0, metadata={"help": "zero-shot eval every N steps (0: only at the end)"})
-    eval_data: str | None = field(default=None, metadata={"help": "ImageFolder for zero-shot evaluation"})
-    eval_classnames: str | None = None
-    eval_templates: str | None = None
     peak_tflops: float | None = field(default=None, metadata={"help": "hardware peak, to report the fraction"})
     teacher_cache: str | None = field(default=None, metadata={"help": "folder of precomputed teacher targets "
                                       "(built on first use); implies a fixed-view schedule"})
     cache_views: int = field(default=1, metadata={"help": "fixed views per image with --teacher_cache"})
-    local_rank: int = -1
 
     def __post_init__(self) -> None:
         if self.masking is None:
             self.masking = "block" if self.objective == "mim" else "reversed_block"
-
-
-def save_rng_state(path: Path) -> None:
-    """Save this process's CPU RNG state and, on a GPU, its device's CUDA RNG state (drop path draws from these)."""
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    torch.save(state, path)
-
-
-def load_rng_state(path: Path) -> None:
-    """Restore what `save_rng_state` wrote (the CUDA state where this process has a GPU)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no RNG state for this rank (was the checkpoint written by fewer ranks?)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not isinstance(state.get("cpu"), torch.Tensor):
-        raise ValueError(f"{path}: expected a dict with the CPU RNG state under 'cpu' (and 'cuda' from a GPU)")
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def distributed_setup(args: PretrainArguments) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); starts the process group when a launcher set WORLD_SIZE > 1."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", max(args.local_rank, 0)))
-    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(device)
-    if world > 1 or args.deepspeed:
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    return rank, world, device
 
 
 class Pretrainer:
@@ -141,7 +100,7 @@ class Pretrainer:
         if args.objective not in OBJECTIVES:
             raise ValueError(f"--objective must be one of {OBJECTIVES}, got {args.objective!r}")
         self.args = args
-        self.rank, self.world, self.device = distributed_setup(args)
+        self.rank, self.world, self.device = distributed_setup(args.local_rank, args.deepspeed)
         self.use_deepspeed = self.world > 1 or args.deepspeed
         self.out = Path(args.output_dir)
         torch.manual_seed(args.seed)  # the same initial student on every rank
@@ -149,9 +108,9 @@ class Pretrainer:
         clip = create_openclip(args.teacher, args.teacher_pretrained)
         self.probe = None
         if args.eval_data:  # class weights from the teacher's text tower, built once
-            self.probe = ZeroShotProbe.build(clip, openclip_tokenizer(args.teacher), args.eval_data,
-                                             clip.visual.image_size[0], self.device, args.eval_classnames,
-                                             args.eval_templates, workers=min(args.workers, 2))
+            self.probe = ZeroShotProbe.build(args.eval_data, clip.visual.image_size[0], self.device,
+                                             args.eval_classnames, args.eval_templates, workers=min(args.workers, 2))
+            self.probe.set_text_tower(clip.to(self.device), openclip_tokenizer(args.teacher))
             self.probe.teacher_accuracy = self.probe.evaluate(clip)
         self.teacher = CLIPTeacher.from_clip(clip, args.teacher_precision).to(self.device)
         del clip  # the text tower is no longer needed
@@ -187,7 +146,12 @@ class Pretrainer:
         self.scheduler = CosineLRScheduler(self.optimizer, t_initial=max(1, self.total_steps - warmup),
                                            lr_min=args.min_lr, warmup_t=warmup, warmup_prefix=True,
                                            t_in_epochs=False)
-        self.engine = self._deepspeed_engine() if self.use_deepspeed else None
+        self.engine = deepspeed_engine(self.student, self.optimizer, args.micro_batch_size, self.accum, args.grad_clip,
+                                       args.zero_stage, args.bf16) if self.use_deepspeed else None
+        self.checkpoints = StepCheckpoints(self.out, self.rank, args.keep_last)
+        # matmul FLOPs per token, forward + backward: 6 x the parameters that touch every token
+        self.flops_per_token = 6 * sum(p.numel() for n, p in student.named_parameters()
+                                       if n not in ("pos_embed", "cls_token", "mask_token"))
         self.step = 0
         self.train_seconds = 0.0  # spent in training steps (the budget of --max_train_seconds)
 
@@ -208,22 +172,6 @@ class Pretrainer:
             cache.build(self.dataset, self.teacher, self.grid, args.cache_views, description, self.device,
                         rank=self.rank, world=self.world)
         return cache
-
-    def _deepspeed_engine(self):
-        import deepspeed
-
-        args = self.args
-        config = {
-            "train_micro_batch_size_per_gpu": args.micro_batch_size,
-            "gradient_accumulation_steps": self.accum,
-            "gradient_clipping": args.grad_clip,
-            "zero_optimization": {"stage": args.zero_stage},
-            "bf16": {"enabled": args.bf16},
-            "steps_per_print": 10**9,
-            "zero_allow_untested_optimizer": True,
-        }
-        engine, *_ = deepspeed.initialize(model=self.student, optimizer=self.optimizer, config=config)
-        return engine
 
     def loader(self, epoch: int, start: int) -> DataLoader:
         self.dataset.set_epoch(epoch)
@@ -268,83 +216,40 @@ class Pretrainer:
 
     # ---- checkpoints
 
-    def checkpoint_dirs(self) -> list[Path]:
-        return sorted((self.out / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-
     def save_checkpoint(self) -> Path:
-        """Write checkpoints/step_N through a temporary folder renamed into place; keep the newest K."""
-        final = self.out / "checkpoints" / f"step_{self.step:08d}"
-        tmp = final.with_name(f".{final.name}.partial")
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self._barrier()
-        save_rng_state(tmp / f"rng_rank{self.rank}.pt")
         state = {"step": self.step, "train_seconds": self.train_seconds, "scheduler": self.scheduler.state_dict()}
-        if self.engine:
-            self.engine.save_checkpoint(str(tmp), tag="deepspeed", client_state=state)
-        elif self.rank == 0:
-            torch.save({**state, "optimizer": self.optimizer.state_dict()}, tmp / "state.pt")
-        self.save_student(tmp / "student.safetensors")
-        self._barrier()  # every rank's files are in place
-        if self.rank == 0:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            for old in self.checkpoint_dirs()[: -self.args.keep_last]:
-                shutil.rmtree(old)
-        self._barrier()
-        return final
+        return self.checkpoints.save(self.step, self.engine, self.optimizer, state,
+                                     lambda folder: self.save_student(folder / "student.safetensors"))
 
     def load_checkpoint(self, path: Path) -> None:
-        if self.engine:
-            _, state = self.engine.load_checkpoint(str(path), tag="deepspeed")
-        else:
-            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-            load_strict(self.student, load_state_dict_file(path / "student.safetensors"), str(path))
-            self.optimizer.load_state_dict(state["optimizer"])
+        def load_student(folder: Path) -> None:
+            load_strict(self.student, load_state_dict_file(folder / "student.safetensors"), str(folder))
+
+        state = self.checkpoints.load(path, self.engine, self.optimizer, load_student)
         self.scheduler.load_state_dict(state["scheduler"])
-        load_rng_state(path / f"rng_rank{self.rank}.pt")
         self.step = state["step"]
         self.train_seconds = state.get("train_seconds", 0.0)
 
     def save_student(self, path: Path) -> None:
-        """Write the student with fp32 weights (rank 0); a collective under DeepSpeed --bf16, so every rank calls it.
-
-        DeepSpeed's bf16 mode casts the module to bf16 and keeps the fp32 master weights, partitioned over the
-        ranks, in its optimizer: those are gathered and saved, not the bf16-rounded copies.
-        """
-        model = self.unwrapped
-        if self.engine and self.args.bf16:
-            from deepspeed.utils import safe_get_full_fp32_param
-
-            masters = {name: safe_get_full_fp32_param(param) for name, param in model.named_parameters()}
-            if missing := [name for name, value in masters.items() if value is None]:
-                raise RuntimeError(f"DeepSpeed holds no fp32 master weights for {missing[:8]}")
-            if self.rank != 0:
-                return
-            with torch.random.fork_rng(devices=[]):  # initialising the copy must not advance drop path's RNG
-                model = UTAViT(model.cfg)
-            load_strict(model, {k: v.cpu() for k, v in masters.items()}, "the DeepSpeed fp32 master weights")
-        if self.rank == 0:
-            save_uta_vit(model, path)
+        """Write the student with fp32 weights (rank 0); a collective under DeepSpeed --bf16, so every rank calls it."""
+        state = fp32_state_dict(self.unwrapped, self.engine, self.args.bf16, self.rank)
+        if state is not None:
+            save_uta_vit(self.unwrapped, path, state)
 
     @property
     def unwrapped(self) -> UTAViT:
         return self.engine.module if self.engine else self.student
 
-    def _global_mean(self, value: float) -> float:
-        """The mean of a per-rank value over all ranks (the loss of the whole global batch)."""
-        if self.world == 1:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return tensor.item() / self.world
-
-    def _barrier(self) -> None:
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-
     # ---- the loop
+
+    def throughput(self, tokens: int, seconds: float, teacher_seconds: float) -> dict[str, float]:
+        """Images and tokens per second of one step, the student's estimated TFLOP/s, the teacher's time share."""
+        tflops = self.flops_per_token * tokens / seconds / 1e12
+        record = {"images_per_s": self.args.batch_size / seconds, "tokens_per_s": tokens / seconds,
+                  "student_tflops": tflops, "teacher_share": teacher_seconds / seconds, "seconds": seconds}
+        if self.args.peak_tflops:
+            record["peak_fraction"] = tflops / self.args.peak_tflops
+        return record
 
     def schedule_position(self) -> float:
         """Where the lr schedule stands: the step, or with a time budget the share of it spent (after warm-up)."""
@@ -360,9 +265,9 @@ class Pretrainer:
     def train(self) -> dict:
         args = self.args
         self.out.mkdir(parents=True, exist_ok=True)
-        if args.resume and self.checkpoint_dirs():
-            self.load_checkpoint(self.checkpoint_dirs()[-1])
-        logger = RunLogger(self.out, self.rank == 0, self.unwrapped, args.peak_tflops)
+        if args.resume and self.checkpoints.folders():
+            self.load_checkpoint(self.checkpoints.folders()[-1])
+        logger = RunLogger(self.out, self.rank == 0)
         self.student.train()
         progress = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0, desc=args.objective)
         while not self.finished():
@@ -380,11 +285,14 @@ class Pretrainer:
                     tokens += images.shape[0] * (1 + (keep.shape[1] if args.objective == "uta" else self.grid[0] ** 2))
                 grad_norm = self.optimizer_step()
                 self.step += 1
-                self.train_seconds += self._global_mean(time.perf_counter() - start)  # ranks agree on the budget
+                # the ranks agree on the time budget
+                self.train_seconds += global_mean(time.perf_counter() - start, self.world, self.device)
                 progress.update()
-                loss = self._global_mean(sum(losses) / len(losses))
-                logger.log(self.step, loss, stats, self.optimizer.param_groups[0]["lr"], grad_norm, args.batch_size,
-                           tokens * self.world, time.perf_counter() - start, teacher_s, every=args.log_every)
+                loss = global_mean(sum(losses) / len(losses), self.world, self.device)
+                seconds = time.perf_counter() - start
+                logger.log({"step": self.step, "loss": loss, **stats, "lr": self.optimizer.param_groups[0]["lr"],
+                            "grad_norm": grad_norm, **self.throughput(tokens * self.world, seconds, teacher_s)},
+                           every=args.log_every)
                 if self.probe and args.eval_every and self.step % args.eval_every == 0:
                     logger.log_eval(self.step, self.probe.evaluate(self.unwrapped))
                     self.student.train()
@@ -393,7 +301,10 @@ class Pretrainer:
                 if self.finished():
                     break
         progress.close()
-        summary = {"steps": self.step, "args": asdict(args), **logger.summary(), "train_seconds": self.train_seconds}
+        summary = {"steps": self.step, "args": asdict(args), "train_seconds": self.train_seconds}
+        if logger.records:
+            summary |= {"final_loss": logger.records[-1]["loss"],
+                        **{key: logger.steady_mean(key) for key in ("images_per_s", "student_tflops", "teacher_share")}}
         if self.probe:
             summary["zeroshot"] = self.probe.evaluate(self.unwrapped)
             summary["teacher_zeroshot"] = self.probe.teacher_accuracy
@@ -402,56 +313,3 @@ class Pretrainer:
             write_json_atomic(self.out / "summary.json", summary)
         logger.close()
         return summary
-
-
-class RunLogger:
-    """Per-step JSONL log and TensorBoard events on rank 0, with throughput and estimated TFLOP/s."""
-
-    def __init__(self, out: Path, active: bool, student: UTAViT, peak_tflops: float | None):
-        self.active, self.peak = active, peak_tflops
-        # matmul FLOPs per token, forward + backward: 6 x the parameters that touch every token
-        self.flops_per_token = 6 * sum(p.numel() for n, p in student.named_parameters()
-                                       if n not in ("pos_embed", "cls_token", "mask_token"))
-        self.records: list[dict] = []
-        if active:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.jsonl = open(out / "log.jsonl", "a")  # noqa: SIM115 (closed in close())
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-
-    def log(self, step: int, loss: float, stats: dict, lr: float, grad_norm: float, images: int, tokens: int,
-            seconds: float, teacher_seconds: float, every: int) -> None:
-        tflops = self.flops_per_token * tokens / seconds / 1e12
-        record = {"step": step, "loss": loss, **stats, "lr": lr, "grad_norm": grad_norm,
-                  "images_per_s": images / seconds, "tokens_per_s": tokens / seconds, "student_tflops": tflops,
-                  "teacher_share": teacher_seconds / seconds, "seconds": seconds}
-        if self.peak:
-            record["peak_fraction"] = tflops / self.peak
-        self.records.append(record)
-        if self.active and (step % every == 0 or step == 1):
-            self.jsonl.write(json.dumps(record) + "\n")
-            self.jsonl.flush()
-            for key, value in record.items():
-                if key != "step":
-                    self.tb.add_scalar(f"train/{key}", value, step)
-
-    def log_eval(self, step: int, result: dict) -> None:
-        if self.active:
-            self.jsonl.write(json.dumps({"step": step, "eval": result}) + "\n")
-            self.jsonl.flush()
-            self.tb.add_scalar("eval/top1", result["top1"], step)
-
-    def summary(self) -> dict:
-        if not self.records:
-            return {}
-        tail = self.records[len(self.records) // 2:] or self.records  # steady state: the second half
-        return {"final_loss": self.records[-1]["loss"],
-                "images_per_s": sum(r["images_per_s"] for r in tail) / len(tail),
-                "student_tflops": sum(r["student_tflops"] for r in tail) / len(tail),
-                "teacher_share": sum(r["teacher_share"] for r in tail) / len(tail),
-                "train_seconds": sum(r["seconds"] for r in self.records)}
-
-    def close(self) -> None:
-        if self.active:
-            self.jsonl.close()
-            self.tb.close()

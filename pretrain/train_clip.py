@@ -13,7 +13,6 @@ that loads with `open_clip.create_model_and_transforms("local-dir:PATH")`.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from llava_uta.io_utils import write_jsonl_atomic
+from pretrain.caption_data import read_captions
 
 # A 1.5M-parameter CLIP for 64x64 ShapesWorld images (patch 8 -> an 8x8 token grid).
 TINY_CLIP_CFG = {
@@ -38,21 +38,6 @@ TINY_CLIP_CFG = {
     "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 4, "head_width": 32, "mlp_ratio": 4.0},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
 }
-
-
-def read_captions(csv_path: Path, separator: str = ",", img_key: str = "filepath",
-                  caption_key: str = "title") -> tuple[list[Path], list[str]]:
-    """Image paths (relative ones resolved against the CSV's folder) and captions from an open_clip CSV."""
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f, delimiter=separator)
-        missing = {img_key, caption_key} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{csv_path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}")
-        rows = list(reader)
-    if not rows:
-        raise ValueError(f"{csv_path}: no rows")
-    paths = [Path(r[img_key]) if Path(r[img_key]).is_absolute() else csv_path.parent / r[img_key] for r in rows]
-    return paths, [r[caption_key] for r in rows]
 
 
 def load_images(paths: list[Path], image_size: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
-"""Zero-shot accuracy of the student during pre-training, with the teacher's CLIP text tower.
+"""Zero-shot accuracy during training: pre-training (the teacher's text tower) and contrastive fine-tuning (its own).
 
-The class weights are built once from the teacher's text tower (mean of normalised prompt embeddings,
-re-normalised); the student's CLIP-space CLS embedding is classified against them with logits x100.
+The class weights are built from a CLIP text tower (mean of normalised prompt embeddings, re-normalised, open_clip's
+`build_zero_shot_classifier`); an image encoder's CLIP-space embedding is classified against them with logits x100.
 """
 
 from __future__ import annotations
@@ -17,29 +17,35 @@ from llava_uta.eval.zeroshot_data import class_folder, clip_eval_transform, load
 
 
 class ZeroShotProbe:
-    """Classifies an ImageFolder with any image encoder whose `encode_image` lands in the teacher's space."""
+    """Classifies an ImageFolder with any image encoder whose `encode_image` lands in the text tower's space."""
 
-    def __init__(self, classifier: torch.Tensor, loader: DataLoader, device: torch.device):
-        self.classifier, self.loader, self.device = classifier, loader, device
+    def __init__(self, names: list[str], prompts: list[str], loader: DataLoader, device: torch.device):
+        self.names, self.prompts, self.loader, self.device = names, prompts, loader, device
+        self.classifier: torch.Tensor | None = None
         self.teacher_accuracy: dict[str, float] = {}
 
     @classmethod
-    def build(cls, clip: nn.Module, tokenizer, folder: str, image_size: int, device: torch.device,
-              classnames: str | None = None, templates: str | None = None, batch_size: int = 256,
-              workers: int = 2) -> ZeroShotProbe:
+    def build(cls, folder: str, image_size: int, device: torch.device, classnames: str | None = None,
+              templates: str | None = None, batch_size: int = 256, workers: int = 2) -> ZeroShotProbe:
         names = load_json_list(classnames, "class name") if classnames else list(IMAGENET_CLASSNAMES)
         prompts = load_json_list(templates, "template") if templates else list(OPENAI_IMAGENET_TEMPLATES)
         dataset = class_folder(folder, clip_eval_transform(image_size))
         if len(dataset.classes) != len(names):
             raise ValueError(f"{folder} has {len(dataset.classes)} class folders but {len(names)} class names")
-        with torch.no_grad():
-            classifier = build_zero_shot_classifier(clip.to(device), tokenizer, names, prompts, device=device)
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-        return cls(classifier.float(), loader, device)
+        return cls(names, prompts, DataLoader(dataset, batch_size=batch_size, num_workers=workers), device)
+
+    @torch.no_grad()
+    def set_text_tower(self, clip: nn.Module, tokenizer) -> None:
+        """(Re)build the class weights with `clip.encode_text` (eval mode; the caller restores train mode)."""
+        clip.eval()
+        self.classifier = build_zero_shot_classifier(clip, tokenizer, self.names, self.prompts,
+                                                     device=self.device).float()
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """top-1 / top-5 of `model.encode_image` (eval mode; the caller restores train mode)."""
+        if self.classifier is None:
+            raise RuntimeError("ZeroShotProbe.set_text_tower must be called before evaluate")
         model.eval()
         logits, labels = [], []
         dtype = next(model.parameters()).dtype

@@ -18,7 +18,8 @@ from transformers import HfArgumentParser
 from llava_uta.data.shapes import ShapesWorldConfig, build
 from llava_uta.model.checkpoint import load_state_dict_file
 from llava_uta.model.uta_vit import build_uta_vit
-from pretrain.engine import PretrainArguments, Pretrainer, load_rng_state, save_rng_state
+from pretrain.engine import PretrainArguments, Pretrainer
+from pretrain.loop import load_rng_state, save_rng_state
 from pretrain.objectives import cosine_alignment, gather_patches, masked_indices, objective_loss
 from pretrain.train_clip import save_local_dir
 

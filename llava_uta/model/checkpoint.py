@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -53,6 +54,14 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     return obj
 
 
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a .safetensors file ({} for other files)."""
+    if Path(path).suffix != ".safetensors":
+        return {}
+    with safe_open(path, framework="pt") as f:
+        return f.metadata() or {}
+
+
 def load_strict(module: nn.Module, state_dict: dict[str, Tensor], source: str) -> None:
     """load_state_dict(strict=True), but listing every missing/unexpected key and shape mismatch at once."""
     expected = module.state_dict()
@@ -81,10 +90,13 @@ def student_config_path(path: str | os.PathLike) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def save_uta_vit(model: UTAViT, path: str | os.PathLike) -> None:
-    """Write a UTA student checkpoint: PATH (.safetensors) and its config PATH.json, each atomically."""
+def save_uta_vit(model: UTAViT, path: str | os.PathLike, state_dict: dict[str, Tensor] | None = None) -> None:
+    """Write a UTA student checkpoint: PATH (.safetensors) and its config PATH.json, each atomically.
+
+    `state_dict` replaces the model's own weights (e.g. the fp32 masters of a bf16 DeepSpeed run).
+    """
     path = Path(path)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in (state_dict or model.state_dict()).items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, tmp, metadata={"format": "pt"})
     os.replace(tmp, path)

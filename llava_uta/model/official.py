@@ -11,16 +11,26 @@ same way. Loading is strict: every tensor is used, the RoPE tables are checked a
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import TextTransformer
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from llava_uta.model.checkpoint import CheckpointError, load_state_dict_file, load_strict, resize_uta_vit
+from llava_uta.model.checkpoint import (
+    CheckpointError,
+    load_state_dict_file,
+    load_strict,
+    resize_uta_vit,
+    safetensors_metadata,
+)
 from llava_uta.model.uta_vit import UTAViT, UTAViTConfig
 
 # official vision key fragment -> ours (timm Eva names); all other names are identical
@@ -162,9 +172,14 @@ def load_official_visual(path: str | os.PathLike, img_size: int | None = None) -
 
 
 def load_official_checkpoint(path: str | os.PathLike, text_heads: int | None = None) -> UTACLIP:
-    """A released UTA checkpoint as a UTACLIP (vision + text + logit_scale), loaded strictly, in eval mode."""
+    """A released UTA checkpoint as a UTACLIP (vision + text + logit_scale), loaded strictly, in eval mode.
+
+    The text tower's head count is not in the weights: `text_heads`, else the `text_heads` entry of a .safetensors
+    file's metadata (what `save_released` writes), else one head per 64 channels as in every released model.
+    """
     source = str(path)
     visual_sd, text_sd, logit_scale = split_official(load_state_dict_file(path), source)
+    text_heads = text_heads or int(safetensors_metadata(path).get("text_heads", 0)) or None
     visual = build_official_visual(visual_sd, source)
     text = official_text_tower(text_sd, text_heads, source)
     load_strict(text, text_sd, f"{source} (text.*)")
@@ -183,9 +198,42 @@ def export_official(visual: UTAViT, clip_text: nn.Module | None = None, logit_sc
     sin, cos = visual.rope.get_embed().chunk(2, dim=-1)
     for prefix in ["", *(f"blocks.{i}.attn." for i in range(visual.cfg.depth))]:
         state[f"{prefix}rope.freqs_cos"], state[f"{prefix}rope.freqs_sin"] = cos.clone(), sin.clone()
-    out = {f"visual.{k}": v.detach().contiguous() for k, v in state.items()}
+    out = {f"visual.{k}": v.detach().cpu().contiguous() for k, v in state.items()}
     if clip_text is not None:
-        out.update({f"text.{k}": v.detach().contiguous() for k, v in clip_text.state_dict().items()
+        out.update({f"text.{k}": v.detach().cpu().contiguous() for k, v in clip_text.state_dict().items()
                     if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")})
     out["logit_scale"] = torch.tensor(logit_scale)
     return out
+
+
+def save_released(clip: UTACLIP, path: str | os.PathLike) -> None:
+    """Write a UTACLIP in the released key layout as .safetensors, atomically, its text head count in the metadata."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    state = export_official(clip.visual, clip.text, float(clip.logit_scale))
+    save_file(state, tmp, metadata={"format": "pt", "text_heads": str(clip.text.heads)})
+    os.replace(tmp, path)
+
+
+def openclip_text_tower(clip: nn.Module, tokenizer: Callable[[list[str]], Tensor], source: str) -> TextTransformer:
+    """The text tower of an open_clip CLIP as the standalone TextTransformer of the released layout (`text.*`).
+
+    The released layout holds a plain GELU TextTransformer; a tower it cannot express (QuickGELU, a Hugging Face
+    text model, another pooling) is refused by checking that both compute the same embeddings.
+    """
+    if isinstance(getattr(clip, "text", None), TextTransformer):
+        text = copy.deepcopy(clip.text)
+    else:
+        state = {k: v for k, v in clip.state_dict().items()
+                 if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")}
+        if "token_embedding.weight" not in state:
+            raise CheckpointError(f"{source}: no open_clip text tower (token_embedding) to fine-tune")
+        text = official_text_tower(state, clip.transformer.resblocks[0].attn.num_heads, source)
+        load_strict(text, state, f"{source} (text tower)")
+    tokens = tokenizer(["a photo of a red square", "two circles"])
+    with torch.no_grad():
+        same = torch.allclose(text.eval()(tokens), clip.eval().encode_text(tokens), atol=1e-5)
+    if not same:
+        raise CheckpointError(f"{source}: its text tower is not the plain GELU open_clip TextTransformer that the "
+                              "released layout holds (QuickGELU, a Hugging Face text model or other pooling?)")
+    return text

@@ -1,0 +1,213 @@
+"""What the training loops of this package share: ranks, DeepSpeed, step checkpoints, exact resume, logs.
+
+A checkpoint is a folder `checkpoints/step_N` written through a temporary sibling renamed into place (a crash
+never leaves half a checkpoint), holding every rank's RNG state, the optimizer/scheduler state (DeepSpeed's own
+files under a DeepSpeed engine) and the model weights, so that `--resume` continues bit-exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+@dataclass(kw_only=True)
+class RunArguments:
+    """The flags every training loop here takes: data workers, seed, checkpoints, logs, zero-shot evaluation."""
+
+    workers: int = 8
+    seed: int = 0
+    save_every: int = field(default=1000, metadata={"help": "write a checkpoint every N optimizer steps"})
+    keep_last: int = field(default=3, metadata={"help": "checkpoints kept"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir"})
+    log_every: int = 10
+    eval_every: int = field(default=0, metadata={"help": "zero-shot eval every N steps (0: at the end only)"})
+    eval_data: str | None = field(default=None, metadata={"help": "ImageFolder for zero-shot evaluation"})
+    eval_classnames: str | None = field(default=None, metadata={"help": "JSON list of class names"})
+    eval_templates: str | None = field(default=None, metadata={"help": "JSON list of prompt templates"})
+    local_rank: int = -1
+
+
+def distributed_setup(local_rank: int = -1, force_deepspeed: bool = False) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); starts the process group when a launcher set WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", max(local_rank, 0)))
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device)
+    if world > 1 or force_deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return rank, world, device
+
+
+def deepspeed_engine(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batch_size: int, accum: int,
+                     grad_clip: float, zero_stage: int, bf16: bool):
+    """A DeepSpeed engine around `model` and a ready optimizer (timm's), ZeRO stage 1 or 2."""
+    import deepspeed
+
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "zero_allow_untested_optimizer": True,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+def save_rng_state(path: Path) -> None:
+    """Save this process's CPU RNG state and, on a GPU, its device's CUDA RNG state (drop path draws from these)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    torch.save(state, path)
+
+
+def load_rng_state(path: Path) -> None:
+    """Restore what `save_rng_state` wrote (the CUDA state where this process has a GPU)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no RNG state for this rank (was the checkpoint written by fewer ranks?)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not isinstance(state.get("cpu"), torch.Tensor):
+        raise ValueError(f"{path}: expected a dict with the CPU RNG state under 'cpu' (and 'cuda' from a GPU)")
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def global_mean(value: float, world: int, device: torch.device) -> float:
+    """The mean of a per-rank value over all ranks."""
+    if world == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.item() / world
+
+
+def fp32_state_dict(model: nn.Module, engine, bf16: bool, rank: int) -> dict[str, Tensor] | None:
+    """The model's weights in fp32 on rank 0 (None on the others); a collective under DeepSpeed --bf16.
+
+    DeepSpeed's bf16 mode casts the module to bf16 and keeps the fp32 master weights, partitioned over the ranks,
+    in its optimizer: those are gathered and returned, not the bf16-rounded copies.
+    """
+    masters = {}
+    if engine is not None and bf16:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        masters = {name: safe_get_full_fp32_param(p) for name, p in model.named_parameters() if p.requires_grad}
+        if missing := [name for name, value in masters.items() if value is None]:
+            raise RuntimeError(f"DeepSpeed holds no fp32 master weights for {missing[:8]}")
+    if rank != 0:
+        return None
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    state.update(masters)
+    return {k: (v.float() if v.is_floating_point() else v).cpu().contiguous() for k, v in state.items()}
+
+
+class StepCheckpoints:
+    """The `checkpoints/step_N` folders of a run: atomic writes, the newest `keep_last` kept."""
+
+    def __init__(self, out: Path, rank: int, keep_last: int):
+        self.root, self.rank, self.keep_last = Path(out) / "checkpoints", rank, keep_last
+
+    def folders(self) -> list[Path]:
+        return sorted(self.root.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+
+    def save(self, step: int, engine, optimizer, state: dict, write_weights: Callable[[Path], None]) -> Path:
+        """Every rank calls this: RNG per rank, optimizer + `state` (DeepSpeed's files, or state.pt), then weights.
+
+        `write_weights(folder)` is called on every rank (it may be a collective) and writes the model files.
+        """
+        final = self.root / f"step_{step:08d}"
+        tmp = final.with_name(f".{final.name}.partial")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        save_rng_state(tmp / f"rng_rank{self.rank}.pt")
+        if engine is not None:
+            engine.save_checkpoint(str(tmp), tag="deepspeed", client_state=state)
+        elif self.rank == 0:
+            torch.save({**state, "optimizer": optimizer.state_dict()}, tmp / "state.pt")
+        write_weights(tmp)
+        barrier()  # every rank's files are in place
+        if self.rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in self.folders()[: -self.keep_last]:
+                shutil.rmtree(old)
+        barrier()
+        return final
+
+    def load(self, folder: Path, engine, optimizer, load_weights: Callable[[Path], None]) -> dict:
+        """Restore optimizer, weights and this rank's RNG from `folder`; returns the `state` saved with them."""
+        if engine is not None:
+            _, state = engine.load_checkpoint(str(folder), tag="deepspeed")
+        else:
+            state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+            load_weights(folder)
+            optimizer.load_state_dict(state.pop("optimizer"))
+        load_rng_state(folder / f"rng_rank{self.rank}.pt")
+        return state
+
+
+class RunLogger:
+    """Per-step JSONL log and TensorBoard scalars, written by rank 0; every record is kept for the summary."""
+
+    def __init__(self, out: Path, active: bool):
+        self.active = active
+        self.records: list[dict] = []
+        if active:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.jsonl = open(Path(out) / "log.jsonl", "a")  # noqa: SIM115 (closed in close())
+            self.tb = SummaryWriter(str(Path(out) / "tensorboard"))
+
+    def log(self, record: dict, every: int) -> None:
+        """Keep `record` (it has a "step"); write it every `every` steps and at step 1."""
+        self.records.append(record)
+        step = record["step"]
+        if self.active and (step % every == 0 or step == 1):
+            self._write(record)
+            for key, value in record.items():
+                if key != "step":
+                    self.tb.add_scalar(f"train/{key}", value, step)
+
+    def log_eval(self, step: int, result: dict) -> None:
+        if self.active:
+            self._write({"step": step, "eval": result})
+            for key, value in result.items():
+                self.tb.add_scalar(f"eval/{key}", value, step)
+
+    def _write(self, record: dict) -> None:
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+
+    def steady_mean(self, key: str) -> float:
+        """The mean of `key` over the second half of the run (past warm-up and compilation)."""
+        tail = self.records[len(self.records) // 2:] or self.records
+        return sum(r[key] for r in tail) / len(tail)
+
+    def close(self) -> None:
+        if self.active:
+            self.jsonl.close()
+            self.tb.close()
