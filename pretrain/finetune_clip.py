@@ -227,6 +227,7 @@ class CLIPFinetuner:
             self.probe = ZeroShotProbe.build(args.eval_data, model.visual.cfg.img_size, self.device,
                                              args.eval_classnames, args.eval_templates, workers=min(args.workers, 2))
         self.step = 0
+        self.train_seconds = 0.0  # spent in optimizer steps, over every (resumed) part of the run
 
     # ---- one optimizer step
 
@@ -277,7 +278,7 @@ class CLIPFinetuner:
     # ---- checkpoints and output
 
     def save_checkpoint(self) -> Path:
-        state = {"step": self.step, "scheduler": self.scheduler.state_dict()}
+        state = {"step": self.step, "train_seconds": self.train_seconds, "scheduler": self.scheduler.state_dict()}
         return self.checkpoints.save(self.step, None, self.optimizer, state,
                                      lambda folder: self._save_weights(folder / "model.safetensors"))
 
@@ -291,7 +292,7 @@ class CLIPFinetuner:
 
         state = self.checkpoints.load(folder, None, self.optimizer, load_weights)
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step = state["step"]
+        self.step, self.train_seconds = state["step"], state["train_seconds"]
 
     def zeroshot(self) -> dict[str, float]:
         """Zero-shot top-1/top-5 with the model's current text tower (rebuilt class weights unless it is frozen)."""
@@ -334,6 +335,7 @@ class CLIPFinetuner:
                 self.step += 1
                 progress.update()
                 seconds = time.perf_counter() - start
+                self.train_seconds += seconds
                 logger.log({"step": self.step, "loss": global_mean(loss, self.world, self.device),
                             "lr": self.optimizer.param_groups[-1]["lr"], "grad_norm": grad_norm,
                             "images_per_s": args.batch_size / seconds, "seconds": seconds}, every=args.log_every)
@@ -344,7 +346,8 @@ class CLIPFinetuner:
                 if self.step == self.total_steps:
                     break
         progress.close()
-        summary |= {"steps": self.step, "output": str(self.out / "uta_clip.safetensors")}
+        summary |= {"steps": self.step, "train_seconds": self.train_seconds,
+                    "output": str(self.out / "uta_clip.safetensors")}
         if logger.records:
             summary |= {"final_loss": logger.records[-1]["loss"], "images_per_s": logger.steady_mean("images_per_s")}
         if self.probe:

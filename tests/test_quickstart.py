@@ -43,6 +43,7 @@ def test_every_artifact_exists(run):
                 *(paths.plots / f"masks-{kind}.png" for kind in ("reversed_block", "block", "random"))]
     for name in STUDENTS:
         expected += [paths.student(name) / "summary.json", paths.student(name) / "student.safetensors"]
+    expected += [paths.finetuned("uta") / "summary.json", paths.finetuned("uta") / "uta_clip.safetensors"]
     for tower in TOWERS:
         expected += [paths.tower(tower) / "config.json", paths.llava(tower, 1) / "mm_projector.bin",
                      paths.llava(tower, 2) / "model.safetensors", paths.reviews(tower), paths.answers(tower),
@@ -82,6 +83,17 @@ def test_results_report_every_model_and_equal_wall_clock_budgets(run):
     assert summaries["uta"]["steps"] == summaries["uta-block"]["steps"] == PROFILES["fast"].student_steps
     for name in EQUAL_WALL_CLOCK:  # UTA's training seconds, give or take the last step
         assert budget <= summaries[name]["train_seconds"] + 0.05 < budget + 3 * budget / summaries[name]["steps"]
+
+
+def test_fine_tuning_starts_from_the_uta_row_and_is_reported(run):
+    """Before fine-tuning, the UTA student with the teacher's text tower is exactly the zero-shot table's UTA row."""
+    paths, _ = run
+    uta = json.loads((paths.student("uta") / "summary.json").read_text())
+    finetuned = json.loads((paths.finetuned("uta") / "summary.json").read_text())
+    assert finetuned["zeroshot_before"] == pytest.approx(uta["zeroshot"])
+    assert finetuned["steps"] == PROFILES["fast"].finetune_steps
+    row = f"| UTA + contrastive fine-tuning (its own text tower) | {finetuned['steps']} |"
+    assert row in paths.results.read_text()
 
 
 def test_rerun_skips_every_stage(run):

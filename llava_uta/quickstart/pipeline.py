@@ -33,6 +33,7 @@ STUDENTS = {
     "uta-random": (["--masking", "random"], "UTA, random masking"),
 }
 EQUAL_WALL_CLOCK = ("mim", "fd", "cls")
+FINETUNE_LR = "2e-3"  # LAMB steps relative to each weight norm; the paper's 2e-4 is for ~30k steps, not 100
 # LLaVA's vision towers. "blind" is the UTA tower with its patch embedding zeroed: the same recipe, no image.
 TOWERS = {"uta": "UTA student", "teacher": "teacher CLIP", "blind": "blind (image withheld)"}
 
@@ -61,6 +62,9 @@ class Layout:
 
     def student(self, name: str) -> Path:
         return self.runs / "students" / name
+
+    def finetuned(self, name: str) -> Path:
+        return self.runs / "finetune" / name
 
     def tower(self, name: str) -> Path:
         return self.runs / "towers" / name
@@ -145,6 +149,8 @@ class Pipeline:
                        Stage("tower-teacher", "teacher CLIP -> LLaVA tower (llava-uta-convert --from-open-clip)",
                              p.tower("teacher") / "config.json", self.convert_teacher),
                        *self.llava_stages("teacher")]
+            stages += [Stage("finetune-uta", "UTA student + teacher text, contrastive fine-tuning (uta-finetune-clip)",
+                             p.finetuned("uta") / "summary.json", self.finetune_student)]
             stages += [self.student_stage(name) for name in STUDENTS if name != "uta"]
         return stages
 
@@ -188,6 +194,20 @@ class Pipeline:
               "--teacher_cache", str(p.teacher_cache), "--cache_views", str(prof.cache_views),
               "--eval_data", str(zs / "val"), "--eval_classnames", str(zs / "classnames.json"),
               "--eval_templates", str(zs / "templates.json"), *self.student_budget(name), *STUDENTS[name][0]])
+
+    def finetune_student(self) -> None:
+        """The paper's second stage at this scale: LAMB, layer decay 0.75, T = 0.01, on the teacher's captions."""
+        from pretrain.finetune_clip import main
+
+        p, prof, zs = self.paths, self.profile, self.paths.data / "zeroshot"
+        main(["--train_data", str(p.data / "clip" / "captions.csv"), "--output_dir", str(p.finetuned("uta")),
+              "--init", str(p.student("uta") / "student.safetensors"), "--text_model", f"local-dir:{p.teacher}",
+              "--max_steps", str(prof.finetune_steps), "--batch_size", str(prof.finetune_batch),
+              "--micro_batch_size", str(prof.finetune_batch), "--lr", FINETUNE_LR,
+              "--warmup_steps", str(max(prof.finetune_steps // 10, 1)), "--layer_decay", "0.75",
+              "--workers", "1", "--save_every", "50", "--resume", "--seed", str(self.seed),
+              "--eval_data", str(zs / "val"), "--eval_classnames", str(zs / "classnames.json"),
+              "--eval_templates", str(zs / "templates.json")])
 
     def student_budget(self, name: str) -> list[str]:
         """UTA's steps; for an objective baseline, UTA's measured training seconds (its steps only bound it)."""

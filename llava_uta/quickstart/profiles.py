@@ -16,6 +16,8 @@ class Profile:
     student_batch: int = 128
     student_warmup: int = 20
     cache_views: int = 1  # fixed views per image whose teacher targets are computed once for every student
+    finetune_steps: int = 100  # contrastive fine-tuning of the UTA student (--compare)
+    finetune_batch: int = 128
     lm_steps: int = 200
     stage1_steps: int = 100  # the projector alone: its caption loss flattens after ~40 steps
     stage1_batch: int = 32
@@ -30,6 +32,7 @@ PROFILES = {
         world={"num_clip": 2048, "num_pretrain": 1024, "num_zeroshot_per_class": 3, "num_stage1": 512,
                "num_stage2": 384, "num_bench_images": 6, "num_grounding_images": 12},
         teacher_steps=30, teacher_batch=64, student_steps=60, student_batch=64, student_warmup=6, cache_views=1,
+        finetune_steps=10, finetune_batch=64,
         lm_steps=60, stage1_steps=30, stage1_batch=16, stage2_steps=60, stage2_batch=8,
         bench_max_new_tokens=32,
     ),

@@ -37,6 +37,11 @@ def zeroshot_rows(paths: Layout) -> list[dict]:
         rows.append({"model": STUDENTS[name][1], "steps": summary["steps"], "train_s": summary["train_seconds"],
                      "images_per_s": summary["images_per_s"],
                      "tflop": summary["student_tflops"] * summary["train_seconds"], **summary["zeroshot"]})
+    finetuned = _read_json(paths.finetuned("uta") / "summary.json")
+    if finetuned:
+        rows.append({"model": "UTA + contrastive fine-tuning (its own text tower)", "steps": finetuned["steps"],
+                     "train_s": finetuned["train_seconds"],
+                     "images_per_s": finetuned.get("images_per_s"), **finetuned["zeroshot"]})
     if rows:
         teacher_top1 = rows[0]["top1"]
         for row in rows[1:]:
@@ -50,7 +55,7 @@ def _cell(value, fmt: str) -> str:
 
 def zeroshot_table(rows: list[dict], classes: int) -> str:
     lines = [f"Zero-shot classification, {classes} colour x shape classes (chance {1 / classes:.3f}); students "
-             "use the teacher's text tower.", "",
+             "use the teacher's text tower, the fine-tuned UTA its own (initialised from the teacher's).", "",
              "| model | steps | train s | img/s | student TFLOP | top-1 | top-5 | of teacher |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -66,6 +71,8 @@ def loss_curves(paths: Layout) -> dict[str, list[tuple[int, float]]]:
     for name in STUDENTS:
         log = _jsonl(paths.student(name) / "log.jsonl")
         curves[f"student {name}"] = [(r["step"], r["loss"]) for r in log if "loss" in r]
+    curves["contrastive fine-tuning (UTA)"] = [
+        (r["step"], r["loss"]) for r in _jsonl(paths.finetuned("uta") / "log.jsonl") if "loss" in r]
     curves["tiny LM"] = [(r["step"], r["loss"]) for r in _jsonl(paths.lm / "train_log.jsonl")]
     for tower in TOWERS:
         for stage in (1, 2):
@@ -81,7 +88,8 @@ def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = {"teacher and LM": [n for n in curves if n in ("teacher CLIP", "tiny LM")],
+    groups = {"CLIP losses and LM": [n for n in curves if n in ("teacher CLIP", "tiny LM")
+                                     or n.startswith("contrastive")],
               "students (negative cosine)": [n for n in curves if n.startswith("student")],
               "LLaVA": [n for n in curves if n.startswith("LLaVA")]}
     groups = {title: names for title, names in groups.items() if names}
