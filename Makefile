@@ -1,7 +1,8 @@
 # Two commands for a fresh machine (see README.md):
 #   make demo   set up .venv and run the embedded-default pipeline
 #   make test   set up .venv and run the test suite
-# Both reuse the environment on later runs.
+# Both reuse the environment on later runs. `make browser` (Debian/Ubuntu, as root) installs the system Chromium
+# that the browser tests drive; without it they are skipped.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +18,7 @@ ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.llava-uta-installed
 
-.PHONY: setup demo test lint clean-data clean-runs
+.PHONY: setup demo test browser lint clean-data clean-runs
 
 setup: $(STAMP)
 
@@ -36,8 +37,11 @@ demo: $(STAMP)
 	$(BIN)/llava-uta-quickstart --data $(DATA) --runs $(RUNS) --seed $(SEED) $(ARGS)
 
 test: $(STAMP)
-	sh tests/install_chromium.sh || echo "no Chromium (needs root): the browser test will be skipped"
 	$(BIN)/python -m pytest -q
+
+# Chromium for the browser tests in tests/test_web.py (apt, as root; a no-op when /usr/bin/chromium exists).
+browser:
+	sh tests/install_chromium.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

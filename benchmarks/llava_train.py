@@ -31,8 +31,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 from llava_uta.constants import DEFAULT_IMAGE_TOKEN
-from llava_uta.model.convert import clip_image_processor
 from llava_uta.model.hf_vision import UTAVisionConfig, UTAVisionModel
+from llava_uta.model.processors import clip_image_processor
 from llava_uta.model.uta_vit import UTA_VIT_CONFIGS
 from llava_uta.train.tiny_lm import chat_texts, tiny_llama_config, train_tokenizer
 from llava_uta.train.train import build_trainer, parse_args

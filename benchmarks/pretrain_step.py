@@ -5,8 +5,14 @@ for the same teacher); the frozen teacher's forward on the full image is timed s
 achieved TFLOP/s (6 x parameters x tokens: the matmuls of forward and backward) is compared with this
 machine's measured matmul peak.
 
+With M keep sets per view (`uta-pretrain --masks_per_view M`) one teacher forward serves M student passes: the
+step of M passes is timed as the engine runs it (one batch of M x B rows), and the end-to-end table adds the
+teacher's forward once per step: images/s (teacher views) and student passes/s end to end, each against MIM's
+single pass. M = 2 at mask ratio 0.5 uses complement pairs (`--mask_pairing complement`), other M independent draws.
+
     python benchmarks/pretrain_step.py                                  # CPU: uta_b14_224, batch 8, ViT-L-14 teacher
     python benchmarks/pretrain_step.py --device cuda --dtype bf16 --batch-size 128 --teacher EVA01-g-14-plus
+    python benchmarks/pretrain_step.py --masks-per-view 1 2 4 8 --mim-masks-per-view 1 2   # which M to time
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ import time
 import torch
 
 from llava_uta.model.uta_vit import build_uta_vit
-from pretrain.masking import KeepIndexGenerator
-from pretrain.objectives import objective_loss
+from pretrain.masking import KeepIndexGenerator, complement_keep
+from pretrain.objectives import OBJECTIVES, flops_per_token, objective_loss
 from pretrain.teacher import CLIPTeacher
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -48,6 +54,16 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, n: int) -> floa
     return 2 * n**3 / timed(lambda: a @ b, device, 5) / 1e12
 
 
+def keep_sets(masks: KeepIndexGenerator, batch_size: int, passes: int) -> torch.Tensor:
+    """(B, K) keep indices for one pass, (B, M, K) for M: complement pairs for M = 2 at ratio 0.5, else draws."""
+    if passes == 1:
+        return torch.stack([masks() for _ in range(batch_size)])
+    if passes == 2 and 2 * masks.num_keep == masks.num_patches:
+        first = [masks() for _ in range(batch_size)]
+        return torch.stack([torch.stack([k, complement_keep(k, masks.num_patches)]) for k in first])
+    return torch.stack([torch.stack([masks() for _ in range(passes)]) for _ in range(batch_size)])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="uta_b14_224")
@@ -58,51 +74,75 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--matmul-size", type=int, default=2048)
+    parser.add_argument("--masks-per-view", type=int, nargs="+", default=[1, 2, 4],
+                        help="UTA student passes per teacher forward to time (1 is always timed)")
+    parser.add_argument("--mim-masks-per-view", type=int, nargs="+", default=[1],
+                        help="the same for MIM (1 is always timed: EVA-02's one mask per view)")
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     torch.manual_seed(0)
 
     teacher = CLIPTeacher.from_pretrained(args.teacher, precision=args.dtype).to(device)
     images = torch.randn(args.batch_size, 3, *teacher.image_size, device=device)
-    students = {name: build_uta_vit(args.model, out_dim=teacher.embed_dim, use_mask_token=name == "mim").to(device)
-                for name in ("uta", "mim")}
+    students = {name: build_uta_vit(args.model, out_dim=teacher.embed_dim,
+                                    use_mask_token=OBJECTIVES[name].mask_token).to(device) for name in ("uta", "mim")}
     grid = students["uta"].cfg.grid_size
     teacher.input_size_for((grid, grid))
     masks = KeepIndexGenerator(grid, args.mask_ratio, "reversed_block", seed=0)
-    keep = torch.stack([masks() for _ in range(args.batch_size)]).to(device)
+    passes = {"uta": sorted({1, *args.masks_per_view}), "mim": sorted({1, *args.mim_masks_per_view})}
+    if min(passes["uta"] + passes["mim"]) < 1:
+        parser.error("masks per view must be at least 1")
+    keeps = {m: keep_sets(masks, args.batch_size, m).to(device) for m in sorted({*passes["uta"], *passes["mim"]})}
     targets = teacher(images, (grid, grid))
     teacher_s = timed(lambda: teacher(images, (grid, grid)), device, args.repeats)
 
     peak = matmul_peak_tflops(device, dtype, args.matmul_size)
-    rows = []
+    rows = {}  # (objective, M) -> (tokens per image and pass, student s/step, student TFLOP/s)
     for name, student in students.items():
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+        for m in passes[name]:
+            def step(student=student, optimizer=optimizer, name=name, keep=keeps[m]):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                    loss, _ = objective_loss(name, student, images, targets, keep)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
 
-        def step(student=student, optimizer=optimizer, name=name):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                loss, _ = objective_loss(name, student, images, targets, keep)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            seconds = timed(step, device, args.repeats)
+            per_pass = OBJECTIVES[name].tokens_per_image(keeps[m].shape[-1], grid * grid)
+            tflops = flops_per_token(student) * args.batch_size * m * per_pass / seconds / 1e12
+            rows[name, m] = (per_pass, seconds, tflops)
 
-        seconds = timed(step, device, args.repeats)
-        tokens = args.batch_size * (1 + (keep.shape[1] if name == "uta" else grid * grid))
-        params = sum(p.numel() for n, p in student.named_parameters() if n not in ("pos_embed", "cls_token",
-                                                                                  "mask_token"))
-        tflops = 6 * params * tokens / seconds / 1e12
-        rows.append((name, tokens // args.batch_size, seconds, args.batch_size / seconds, tflops, tflops / peak))
-
-    print(f"{args.model}, batch {args.batch_size}, mask ratio {args.mask_ratio}, {args.dtype} on {device}; "
+    batch = args.batch_size
+    print(f"{args.model}, batch {batch}, mask ratio {args.mask_ratio}, {args.dtype} on {device}; "
           f"measured {args.dtype} matmul peak {peak:.3f} TFLOP/s ({args.matmul_size}^3)")
-    print("| step | tokens/image | s/step | images/s | student TFLOP/s | fraction of peak |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for name, tok, sec, ips, tf, frac in rows:
-        print(f"| {name} | {tok} | {sec:.3f} | {ips:.2f} | {tf:.3f} | {frac:.1%} |")
-    print(f"| teacher forward ({args.teacher}) | {1 + grid * grid} | {teacher_s:.3f} | "
-          f"{args.batch_size / teacher_s:.2f} | | |")
-    uta, mim = rows[0][2], rows[1][2]
-    print(f"UTA step is {mim / uta:.2f}x faster than MIM (student only); with the teacher's forward each: "
-          f"{(mim + teacher_s) / (uta + teacher_s):.2f}x")
+    print("\nStudent only (fixed teacher targets):\n")
+    print("| step | passes per teacher forward | tokens/image/pass | s/step | images/s | student passes/s | "
+          "student TFLOP/s | fraction of peak |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for (name, m), (tok, sec, tf) in rows.items():
+        print(f"| {name} M={m} | {m} | {tok} | {sec:.3f} | {batch / sec:.2f} | {m * batch / sec:.2f} | {tf:.3f} | "
+              f"{tf / peak:.1%} |")
+    print(f"| teacher forward ({args.teacher}) | | {1 + grid * grid} | {teacher_s:.3f} | {batch / teacher_s:.2f} "
+          f"| | | |")
+
+    mim = rows["mim", 1][1] + teacher_s  # the reference: EVA-02's MIM, one pass per teacher forward
+    print("\nEnd to end (student step + one teacher forward per image), against MIM M=1:\n")
+    print("| step | student passes per teacher forward | s/step | images/s | student passes/s | "
+          "images/s vs MIM M=1 | passes/s vs MIM M=1 |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for (name, m), (_, sec, _) in rows.items():
+        total = sec + teacher_s
+        print(f"| {name} M={m} | {m} | {total:.3f} | {batch / total:.2f} | {m * batch / total:.2f} | "
+              f"{mim / total:.2f}x | {m * mim / total:.2f}x |")
+    uta = rows["uta", 1][1]
+    print(f"\nUTA step is {rows['mim', 1][1] / uta:.2f}x faster than MIM (student only); with the teacher's forward "
+          f"each: {mim / (uta + teacher_s):.2f}x (teacher {teacher_s / (uta + teacher_s):.0%} of a UTA step, "
+          f"{teacher_s / mim:.0%} of a MIM step)")
+    for m in passes["uta"][1:]:
+        total = rows["uta", m][1] + teacher_s
+        print(f"UTA M={m}: {m} student passes per teacher forward, {batch / total:.2f} images/s and "
+              f"{m * batch / total:.2f} passes/s end to end = {mim / total:.2f}x / {m * mim / total:.2f}x MIM M=1's")
 
 
 if __name__ == "__main__":

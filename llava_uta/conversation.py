@@ -1,4 +1,6 @@
-"""Conversation templates rendered to the exact strings LLaVA trains and serves with (docs: llava.md §3.6).
+"""Conversation templates rendered to the exact strings LLaVA trains and serves with.
+
+The strings are LLaVA's, to the character (docs/llava.md#conversation-templates).
 
 Plain strings and functions, importable without torch. One renderer serves training and generation:
 `Conversation.render()` returns the prompt together with the character spans the loss is computed on: each

@@ -1,30 +1,46 @@
-"""The end of a distributed run: every rank leaves the process group in order, before the interpreter exits.
+"""The process group of a distributed run: how every tool here starts it, and how every rank leaves it in order.
 
-Why the order matters (gloo, i.e. CPU ranks): a collective is run by one of gloo's worker threads, which lets go of
-the collective's tensors only after marking it complete, so possibly after `work.wait()` has returned. A
+The backend is NCCL on GPUs and gloo on CPU ranks (DeepSpeed's CPU accelerator falls back to gloo without oneCCL).
+
+Leaving: why the order matters (gloo, i.e. CPU ranks): a collective is run by one of gloo's worker threads, which
+lets go of the collective's tensors only after marking it complete, so possibly after `work.wait()` has returned. A
 tensor that carries Python attributes (DeepSpeed's ZeRO parameters and buffers do) keeps its Python object alive
 while C++ holds it, and that last release then takes the GIL from the worker thread. If the main thread has already
 begun finalizing the interpreter, CPython ends the worker thread inside torch's (noexcept) tensor destructor and the
 process aborts: "terminate called without an active exception", SIGABRT, after all outputs were written (the
 DeepSpeed launcher then exits with 250). `torch.distributed.destroy_process_group()` alone does not prevent it: the
 groups and their worker threads stay alive as long as anything (DeepSpeed's engine, its ZeRO parameters) refers to
-them, i.e. until the interpreter exits.
+them, i.e. until the interpreter exits; a barrier before it narrows the window but does not close it (the barrier's
+own work object keeps the earlier collectives alive and is released by a worker thread after the barrier returns).
+So a launched rank ends its process without finalization once its outputs are written (`end_process_group`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
+import torch
 import torch.distributed as dist
 
 
-def end_process_group() -> None:
-    """Wait for every rank, then destroy the process group (through DeepSpeed when DeepSpeed started it).
+def init_distributed() -> None:
+    """Start DeepSpeed's process group (from the launcher's RANK / WORLD_SIZE / MASTER_* variables)."""
+    import deepspeed
 
-    The barrier returns once every earlier collective of every rank has completed; while this thread waits for it,
-    with the GIL released, the worker threads release those collectives' tensors (the barrier call itself first
-    waits for a release in progress: gloo releases under the work-queue lock that every new collective takes). No
-    rank leaves while another still communicates with it. Nothing to do in a process without a group.
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def end_process_group() -> None:
+    """Wait for every rank, destroy the process group, then end this rank's process (exit code 0).
+
+    The barrier returns once every earlier collective of every rank has completed, so no rank leaves while another
+    still communicates with it. The process then ends with `os._exit(0)` after flushing the standard streams and
+    the logging handlers, i.e. without interpreter finalization: gloo's worker threads may still be releasing the
+    last collectives' tensors (the barrier's own work object holds them and is destroyed by a worker after the
+    barrier returns), and finalization is the one moment such a release aborts the process. Every output of the
+    tools is written and closed before this call. Nothing happens in a process without a group.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
@@ -34,3 +50,7 @@ def end_process_group() -> None:
         ds_comm.destroy_process_group()  # also drops DeepSpeed's own references to its groups
     else:
         dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

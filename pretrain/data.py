@@ -1,8 +1,8 @@
 """Pre-training data: images from an ImageFolder or tar shards, one augmented view and keep indices each.
 
-All randomness of a sample (its crop, its flip, its mask) is a function of (seed, epoch, index) alone,
-so a run gives the same batches whatever the number of workers or ranks, and a resumed run continues
-exactly where the interrupted one stopped.
+All randomness of a sample (its crop, its flip, its masks) is a function of (seed, epoch, index) alone, and
+the m-th of its M keep sets of (seed, epoch, index, m), so a run gives the same batches whatever the number of
+workers or ranks, and a resumed run continues exactly where the interrupted one stopped.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision import datasets, transforms
 
-from pretrain.masking import KeepIndexGenerator
+from pretrain.masking import KeepIndexGenerator, check_mask_pairing, complement_keep
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -112,6 +112,12 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 + epoch) * 100_000_007 + index
 
 
+def mask_seed(seed: int, epoch: int, index: int, m: int = 0) -> int:
+    """The seed of keep set m of a sample: the sample's own seed for m = 0 (so M = 1 draws what it always did),
+    moved by m x 2^64 beyond it otherwise (never another sample's seed: those stay below 2^64 for seeds < 10^5)."""
+    return sample_seed(seed, epoch, index) + (m << 64)
+
+
 def seeded_view(transform, image: Image.Image, seed: int) -> torch.Tensor:
     """`transform(image)` with the global RNG seeded by `seed` for the call and left as it was after it."""
     with torch.random.fork_rng(devices=[]):
@@ -124,12 +130,18 @@ class MaskedViews(Dataset):
 
     With `views` V (a fixed-view schedule, for the teacher cache) epoch e shows view e mod V of every image, so
     the teacher's targets for each view can be computed once; the masks still change every epoch.
+
+    With `masks_per_view` M > 1 the keep indices are an (M, K) tensor, M keep sets of the one view that share
+    its teacher targets: set m drawn from `mask_seed(seed, epoch, index, m)`, or with `pairing="complement"`
+    (M = 2, half the patches kept) set 1 = the patches set 0 leaves out. M = 1 gives the (K,) set as before.
     """
 
     def __init__(self, source: Dataset, transform, masks: KeepIndexGenerator, seed: int = 0,
-                 views: int | None = None, targets=None):
+                 views: int | None = None, targets=None, masks_per_view: int = 1, pairing: str = "independent"):
+        check_mask_pairing(pairing, masks_per_view, masks.num_patches, masks.num_keep)
         self.source, self.transform, self.masks, self.seed = source, transform, masks, seed
         self.views, self.targets = views, targets
+        self.masks_per_view, self.pairing = masks_per_view, pairing
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -145,10 +157,20 @@ class MaskedViews(Dataset):
         """The augmented view `view_number` of image `index` (the same tensor every time it is asked for)."""
         return seeded_view(self.transform, self.source[index][0], sample_seed(self.seed, view_number, index))
 
+    def keep_sets(self, epoch: int, index: int) -> torch.Tensor:
+        """The keep indices of sample `index` in epoch `epoch`: (K,), or (M, K) with M keep sets per view."""
+        sets = []
+        for m in range(self.masks_per_view):
+            if m == 1 and self.pairing == "complement":
+                sets.append(complement_keep(sets[0], self.masks.num_patches))
+                continue
+            self.masks.seed(mask_seed(self.seed, epoch, index, m))
+            sets.append(self.masks())
+        return sets[0] if self.masks_per_view == 1 else torch.stack(sets)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         view_number = self.view_number(self.epoch)
-        self.masks.seed(sample_seed(self.seed, self.epoch, index))
-        sample = (self.view(index, view_number), self.masks())
+        sample = (self.view(index, view_number), self.keep_sets(self.epoch, index))
         if self.targets is not None:
             sample += (self.targets.get(view_number, index),)
         return sample

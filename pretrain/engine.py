@@ -2,6 +2,8 @@
 
 Each optimizer step draws `batch_size` images (split over ranks and gradient-accumulation micro-batches),
 runs the frozen teacher on the full view, runs the student as the objective prescribes, and aligns them.
+With `--masks_per_view M` one teacher forward (or one cached target) serves M student passes with different keep
+sets (one batch of M x micro-batch rows), and the loss is their mean.
 Checkpoints hold the student (safetensors) plus optimizer, scheduler, every rank's RNG state and the step, from
 which the data position follows, so `--resume` continues exactly.
 
@@ -22,6 +24,7 @@ from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from llava_uta.eval.zeroshot import ZeroShotProbe
 from llava_uta.io_utils import write_json_atomic
 from llava_uta.model.checkpoint import load_state_dict_file, load_strict, save_uta_vit
 from llava_uta.model.openclip_loader import create_openclip, openclip_tokenizer
@@ -36,11 +39,10 @@ from pretrain.loop import (
     fp32_state_dict,
     global_mean,
 )
-from pretrain.masking import MASKING_KINDS, KeepIndexGenerator
-from pretrain.objectives import OBJECTIVES, objective_loss
+from pretrain.masking import MASK_PAIRINGS, MASKING_KINDS, KeepIndexGenerator, check_mask_pairing
+from pretrain.objectives import OBJECTIVES, flops_per_token, get_objective
 from pretrain.teacher import CLIPTeacher
 from pretrain.teacher_cache import TeacherCache
-from pretrain.zeroshot import ZeroShotProbe
 
 
 @dataclass
@@ -55,7 +57,7 @@ class PretrainArguments(RunArguments):
     teacher_precision: str = field(default="fp32", metadata={"help": "fp32 | bf16 | fp16"})
     model: str = field(default="uta_b14_224", metadata={"help": "student config name (UTA_VIT_CONFIGS)"})
     image_size: int | None = field(default=None, metadata={"help": "override the student's image size"})
-    objective: str = field(default="uta", metadata={"help": f"one of {OBJECTIVES}"})
+    objective: str = field(default="uta", metadata={"help": f"one of {tuple(OBJECTIVES)}"})
     masking: str | None = field(default=None, metadata={
         "help": f"one of {MASKING_KINDS}; default: block for mim (EVA-02 masks the blocks), reversed_block otherwise"})
     min_block: int | None = field(default=None, metadata={
@@ -63,6 +65,12 @@ class PretrainArguments(RunArguments):
                 "a smaller grid (pretrain/masking.py)"})
     mask_ratio: float = field(default=0.4, metadata={"help": "0.4 for base, 0.5 for large (paper card)"})
     cls_weight: float | None = field(default=None, metadata={"help": "CLS share of the loss; default: plain mean"})
+    masks_per_view: int = field(default=1, metadata={
+        "help": "student passes per teacher forward: M keep sets of each view share its teacher targets, the loss "
+                "is the mean of the M passes (uta and mim; the student's forward takes M x micro_batch_size rows)"})
+    mask_pairing: str = field(default="independent", metadata={
+        "help": f"one of {MASK_PAIRINGS}: M independent draws, or (M=2, mask_ratio 0.5) a draw and its complement, "
+                "so the two passes cover every patch exactly once"})
     epochs: float = 150.0
     max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 = from epochs"})
     max_train_seconds: float = field(default=0.0, metadata={
@@ -92,13 +100,14 @@ class PretrainArguments(RunArguments):
 
     def __post_init__(self) -> None:
         if self.masking is None:
-            self.masking = "block" if self.objective == "mim" else "reversed_block"
+            self.masking = get_objective(self.objective).masking
+        get_objective(self.objective).check_masks_per_view(self.masks_per_view)
+        check_mask_pairing(self.mask_pairing, self.masks_per_view, mask_ratio=self.mask_ratio)
 
 
 class Pretrainer:
     def __init__(self, args: PretrainArguments):
-        if args.objective not in OBJECTIVES:
-            raise ValueError(f"--objective must be one of {OBJECTIVES}, got {args.objective!r}")
+        self.objective = get_objective(args.objective)
         self.args = args
         self.rank, self.world, self.device = distributed_setup(args.local_rank, args.deepspeed)
         self.use_deepspeed = self.world > 1 or args.deepspeed
@@ -111,11 +120,11 @@ class Pretrainer:
             self.probe = ZeroShotProbe.build(args.eval_data, clip.visual.image_size[0], self.device,
                                              args.eval_classnames, args.eval_templates, workers=min(args.workers, 2))
             self.probe.set_text_tower(clip.to(self.device), openclip_tokenizer(args.teacher))
-            self.probe.teacher_accuracy = self.probe.evaluate(clip)
+            self.teacher_zeroshot = self.probe.evaluate(clip)
         self.teacher = CLIPTeacher.from_clip(clip, args.teacher_precision).to(self.device)
         del clip  # the text tower is no longer needed
         overrides = {"img_size": args.image_size} if args.image_size else {}
-        student = build_uta_vit(args.model, drop_path_rate=args.drop_path, use_mask_token=args.objective == "mim",
+        student = build_uta_vit(args.model, drop_path_rate=args.drop_path, use_mask_token=self.objective.mask_token,
                                 out_dim=self.teacher.embed_dim, **overrides)
         self.grid = (student.cfg.grid_size, student.cfg.grid_size)
         self.teacher.input_size_for(self.grid)  # refuse early when the token grids cannot correspond
@@ -126,7 +135,8 @@ class Pretrainer:
 
         masks = KeepIndexGenerator(self.grid, args.mask_ratio, args.masking, args.min_block)
         views = train_transform(student.cfg.img_size, (args.crop_min_scale, 1.0), args.flip)
-        self.dataset = MaskedViews(image_source(args.data_path), views, masks, args.seed)
+        self.dataset = MaskedViews(image_source(args.data_path), views, masks, args.seed,
+                                   masks_per_view=args.masks_per_view, pairing=args.mask_pairing)
         if args.teacher_cache:
             self.dataset.views, self.dataset.targets = args.cache_views, self._teacher_cache()
         per_rank_batch = args.batch_size // self.world
@@ -149,9 +159,7 @@ class Pretrainer:
         self.engine = deepspeed_engine(self.student, self.optimizer, args.micro_batch_size, self.accum, args.grad_clip,
                                        args.zero_stage, args.bf16) if self.use_deepspeed else None
         self.checkpoints = StepCheckpoints(self.out, self.rank, args.keep_last)
-        # matmul FLOPs per token, forward + backward: 6 x the parameters that touch every token
-        self.flops_per_token = 6 * sum(p.numel() for n, p in student.named_parameters()
-                                       if n not in ("pos_embed", "cls_token", "mask_token"))
+        self.flops_per_token = flops_per_token(student)
         self.step = 0
         self.train_seconds = 0.0  # spent in training steps (the budget of --max_train_seconds)
 
@@ -186,7 +194,9 @@ class Pretrainer:
 
     def micro_step(self, images: torch.Tensor, keep: torch.Tensor, cached: torch.Tensor | None = None
                    ) -> tuple[float, dict, float]:
-        """Forward + backward of one micro-batch; returns the loss, its stats and the teacher's seconds."""
+        """Forward + backward of one micro-batch; returns the loss, its stats and the teacher's seconds.
+
+        `keep` is (B, K), or (B, M, K) for M passes that share the teacher's targets (computed once here)."""
         images, keep = images.to(self.device, non_blocking=True), keep.to(self.device, non_blocking=True)
         start = time.perf_counter()
         targets = self.teacher(images, self.grid) if cached is None else cached.to(self.device).float()
@@ -196,7 +206,7 @@ class Pretrainer:
         if self.engine and self.args.bf16:  # DeepSpeed holds the student in bf16
             images = images.to(torch.bfloat16)
         with autocast:
-            loss, stats = objective_loss(self.args.objective, model, images, targets, keep, self.args.cls_weight)
+            loss, stats = self.objective.passes_loss(model, images, targets, keep, self.args.cls_weight)
         if self.engine:
             self.engine.backward(loss)
             self.engine.step()
@@ -243,9 +253,12 @@ class Pretrainer:
     # ---- the loop
 
     def throughput(self, tokens: int, seconds: float, teacher_seconds: float) -> dict[str, float]:
-        """Images and tokens per second of one step, the student's estimated TFLOP/s, the teacher's time share."""
+        """Per second of one step: images (teacher views), student passes (M per image), the student's tokens (all
+        passes) and estimated TFLOP/s; and the teacher's share of the step's time (one forward per image)."""
         tflops = self.flops_per_token * tokens / seconds / 1e12
-        record = {"images_per_s": self.args.batch_size / seconds, "tokens_per_s": tokens / seconds,
+        images_per_s = self.args.batch_size / seconds
+        record = {"images_per_s": images_per_s, "passes_per_s": images_per_s * self.args.masks_per_view,
+                  "tokens_per_s": tokens / seconds,
                   "student_tflops": tflops, "teacher_share": teacher_seconds / seconds, "seconds": seconds}
         if self.args.peak_tflops:
             record["peak_fraction"] = tflops / self.args.peak_tflops
@@ -282,7 +295,9 @@ class Pretrainer:
                     loss, stats, seconds = self.micro_step(images, keep, *cached)
                     losses.append(loss)
                     teacher_s += seconds
-                    tokens += images.shape[0] * (1 + (keep.shape[1] if args.objective == "uta" else self.grid[0] ** 2))
+                    passes = keep.shape[1] if keep.dim() == 3 else 1
+                    tokens += images.shape[0] * passes * self.objective.tokens_per_image(keep.shape[-1],
+                                                                                         math.prod(self.grid))
                 grad_norm = self.optimizer_step()
                 self.step += 1
                 # the ranks agree on the time budget
@@ -303,11 +318,11 @@ class Pretrainer:
         progress.close()
         summary = {"steps": self.step, "args": asdict(args), "train_seconds": self.train_seconds}
         if logger.records:
-            summary |= {"final_loss": logger.records[-1]["loss"],
-                        **{key: logger.steady_mean(key) for key in ("images_per_s", "student_tflops", "teacher_share")}}
+            steady = ("images_per_s", "passes_per_s", "student_tflops", "teacher_share")
+            summary |= {"final_loss": logger.records[-1]["loss"], **{key: logger.steady_mean(key) for key in steady}}
         if self.probe:
             summary["zeroshot"] = self.probe.evaluate(self.unwrapped)
-            summary["teacher_zeroshot"] = self.probe.teacher_accuracy
+            summary["teacher_zeroshot"] = self.teacher_zeroshot
         self.save_student(self.out / "student.safetensors")
         if self.rank == 0:
             write_json_atomic(self.out / "summary.json", summary)

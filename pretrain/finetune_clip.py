@@ -44,6 +44,7 @@ from tqdm import tqdm
 from transformers import HfArgumentParser
 
 from llava_uta.distributed import end_process_group
+from llava_uta.eval.zeroshot import ZeroShotProbe
 from llava_uta.io_utils import write_json_atomic
 from llava_uta.model.checkpoint import (
     load_state_dict_file,
@@ -63,7 +64,6 @@ from llava_uta.model.uta_vit import UTAViT
 from pretrain.caption_data import CaptionViews, caption_source
 from pretrain.data import EpochSampler
 from pretrain.loop import RunArguments, RunLogger, StepCheckpoints, distributed_setup, fp32_state_dict, global_mean
-from pretrain.zeroshot import ZeroShotProbe
 
 OPTIMIZERS = ("lamb", "adamw")
 

@@ -18,6 +18,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from llava_uta.distributed import init_distributed
+from llava_uta.io_utils import partial_dir, replace_dir
+
 
 @dataclass(kw_only=True)
 class RunArguments:
@@ -45,9 +48,7 @@ def distributed_setup(local_rank: int = -1, force_deepspeed: bool = False) -> tu
     if torch.cuda.is_available():
         torch.cuda.set_device(device)
     if world > 1 or force_deepspeed:
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        init_distributed()
     return rank, world, device
 
 
@@ -138,10 +139,7 @@ class StepCheckpoints:
         `write_weights(folder)` is called on every rank (it may be a collective) and writes the model files.
         """
         final = self.root / f"step_{step:08d}"
-        tmp = final.with_name(f".{final.name}.partial")
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+        tmp = partial_dir(final, fresh=self.rank == 0)
         barrier()
         save_rng_state(tmp / f"rng_rank{self.rank}.pt")
         if engine is not None:
@@ -151,8 +149,7 @@ class StepCheckpoints:
         write_weights(tmp)
         barrier()  # every rank's files are in place
         if self.rank == 0:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            replace_dir(tmp, final)
             for old in self.folders()[: -self.keep_last]:
                 shutil.rmtree(old)
         barrier()

@@ -10,6 +10,9 @@ so a batch of kept indices is a rectangular (B, K) tensor.
   are spatially balanced: the paper's default reading.
 - `block_or_complement`: per sample, `block` or `reversed_block` with probability 1/2 each.
 
+Several keep sets per view (`--masks_per_view M`, drawn in pretrain/data.py) are independent draws, or with
+`--mask_pairing complement` (M = 2, ratio 0.5) a draw and the patches it leaves out (`complement_keep`).
+
 The smallest rectangle (`min_block` patches) defaults to BEiT's `min_num_patches=16`, set for a 14x14 grid and
 kept by EVA-02 at 16x16. A smaller grid keeps the same share of the patches, round(16 * N / 196) and at least 1
 (5 on the 8x8 grid of the embedded default, 1 on 4x4); larger grids keep 16.
@@ -28,6 +31,7 @@ import numpy as np
 import torch
 
 MASKING_KINDS = ("random", "block", "reversed_block", "block_or_complement")
+MASK_PAIRINGS = ("independent", "complement")  # how the M keep sets of one view relate (--mask_pairing)
 BEIT_MIN_BLOCK, BEIT_NUM_PATCHES = 16, 14 * 14  # BEiT's min_num_patches on its 14x14 grid
 
 
@@ -116,6 +120,37 @@ class KeepIndexGenerator:
     def __repr__(self) -> str:
         return (f"KeepIndexGenerator(grid={self.height}x{self.width}, kind={self.kind}, "
                 f"keep={self.num_keep}/{self.num_patches}, min_block={self.min_block})")
+
+
+def complement_keep(keep: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """The sorted indices of the patches a (K,) keep set leaves out: with it, every patch exactly once."""
+    kept = torch.zeros(num_patches, dtype=torch.bool)
+    kept[keep] = True
+    return (~kept).nonzero()[:, 0]
+
+
+def check_mask_pairing(pairing: str, masks_per_view: int, num_patches: int | None = None,
+                       num_keep: int | None = None, mask_ratio: float | None = None) -> None:
+    """Refuse M keep sets per view that cannot be drawn as asked, with the reason.
+
+    `complement` pairs a keep set with the patches it leaves out, so the pair covers every patch exactly once and
+    both passes see as many tokens: only 2 sets per view at mask ratio 0.5 on an even number of patches.
+    """
+    if masks_per_view < 1:
+        raise ValueError(f"--masks_per_view must be at least 1, got {masks_per_view}")
+    if pairing not in MASK_PAIRINGS:
+        raise ValueError(f"--mask_pairing must be one of {MASK_PAIRINGS}, got {pairing!r}")
+    if pairing != "complement":
+        return
+    if masks_per_view != 2:
+        raise ValueError(f"--mask_pairing complement pairs a keep set with its complement: it needs "
+                         f"--masks_per_view 2, got {masks_per_view}")
+    if mask_ratio is not None and mask_ratio != 0.5:
+        raise ValueError(f"--mask_pairing complement needs --mask_ratio 0.5 (the complement of a keep set must "
+                         f"keep as many patches), got {mask_ratio}")
+    if num_patches is not None and num_keep is not None and 2 * num_keep != num_patches:
+        raise ValueError(f"--mask_pairing complement needs an even number of patches, kept half and half; the "
+                         f"grid has {num_patches} and keeps {num_keep}")
 
 
 def keep_frequency(generator: KeepIndexGenerator, draws: int) -> np.ndarray:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from llava_uta.io_utils import write_json_atomic
+from llava_uta.model.checkpoint import save_state_dict_file
 
 
 class TeacherCache:
@@ -65,10 +65,7 @@ class TeacherCache:
             for start in range(0, len(indices), batch_size):
                 batch = torch.stack([views.view(i, view) for i in indices[start:start + batch_size]])
                 rows.append(teacher(batch.to(device), grid).half().cpu())
-            path = self.shard_path(view, shard)
-            tmp = path.with_name(f".{path.name}.tmp")
-            save_file({"targets": torch.cat(rows).contiguous()}, str(tmp))
-            os.replace(tmp, path)
+            save_state_dict_file({"targets": torch.cat(rows)}, self.shard_path(view, shard))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
         if rank == 0:

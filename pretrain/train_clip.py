@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from llava_uta.io_utils import write_jsonl_atomic
+from llava_uta.io_utils import atomic_dir, write_jsonl_atomic
 from pretrain.caption_data import read_captions
 
 # A 1.5M-parameter CLIP for 64x64 ShapesWorld images (patch 8 -> an 8x8 token grid).
@@ -76,17 +74,12 @@ def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
 
 def save_local_dir(model: open_clip.CLIP, model_cfg: dict, out: Path) -> None:
     """Write an open_clip local-dir folder atomically (temporary sibling, then rename)."""
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "open_clip_model.safetensors")
     config = {"model_cfg": model_cfg,
               "preprocess_cfg": {"mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD),
                                  "interpolation": "bicubic", "resize_mode": "shortest"}}
-    (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "open_clip_model.safetensors")
+        (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def sample_batch(num_rows: int, batch_size: int, group_size: int, generator: torch.Generator) -> torch.Tensor:

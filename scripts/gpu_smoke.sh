@@ -128,7 +128,7 @@ print(f\"{s['steps']} steps, {s['steps'] / s['train_seconds']:.2f} steps/s, {s['
 stage convert llava-uta-convert "$OUT/student/student.safetensors" "$OUT/tower" --image-size "$TOWER_SIZE"
 check tower "
 import torch
-import llava_uta  # registers the tower with transformers
+import llava_uta.model  # registers the tower with transformers
 from transformers import AutoModel
 tower = AutoModel.from_pretrained('$OUT/tower').eval()
 out = tower(torch.randn(1, 3, $TOWER_SIZE, $TOWER_SIZE), output_hidden_states=True)

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random checkpoint in the released UTA layout (paper.md §5.2-5.3)."""
+"""Shared fixtures: a tiny random checkpoint in the released UTA layout (docs/uta.md#released-checkpoints)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ TINY_OFFICIAL = dict(
 
 
 def official_rope_tables(grid: int, head_dim: int, ref_grid: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """freqs_cos, freqs_sin (N, head_dim) as the released VisionRotaryEmbeddingFast stores them (paper.md §5.2)."""
+    """freqs_cos, freqs_sin (N, head_dim) as the released RoPE module stores them (docs/uta.md#student-architecture)."""
     dim = head_dim // 2
     freqs = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)
     t = torch.arange(grid).float() / grid * ref_grid
@@ -89,3 +89,24 @@ def official_checkpoint(tmp_path_factory, official_state_dict):
     path = tmp_path_factory.mktemp("official") / "uta_tiny.pt"
     torch.save(official_state_dict, path)
     return path
+
+
+# A tiny open_clip CLIP, the teacher of the pre-training tests (8 px patches on 32 px images, 32-dim embeddings).
+TEACHER_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory) -> Path:
+    """TEACHER_CFG with seed-0 weights, saved as an open_clip local-dir folder."""
+    import open_clip
+
+    from pretrain.train_clip import save_local_dir
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("teacher") / "clip"
+    save_local_dir(open_clip.CLIP(**TEACHER_CFG), TEACHER_CFG, out)
+    return out

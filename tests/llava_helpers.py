@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from llava_uta.model.convert import clip_image_processor
 from llava_uta.model.hf_vision import UTAVisionConfig, UTAVisionModel
+from llava_uta.model.processors import clip_image_processor
 from llava_uta.train.tiny_lm import train_tokenizer
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}

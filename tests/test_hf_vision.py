@@ -118,7 +118,7 @@ def test_converter_and_fresh_process_round_trip(tmp_path, official_checkpoint):
     ids = _prompt(16, batch=1)
     torch.save(ids, tmp_path / "ids.pt")
     script = textwrap.dedent(f"""
-        import torch, llava_uta
+        import torch, llava_uta.model
         from PIL import Image
         from safetensors.torch import save_file
         from transformers import AutoImageProcessor, AutoModel, LlavaForConditionalGeneration

@@ -12,10 +12,10 @@ from transformers import AutoTokenizer, LlavaProcessor
 
 from llava_uta.constants import IGNORE_INDEX
 from llava_uta.conversation import generation_prompt
-from llava_uta.data.llava_dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset, make_image_processor
+from llava_uta.data.llava_dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset
 from llava_uta.data.preprocess import BadSampleError
-from llava_uta.model.convert import clip_image_processor
 from llava_uta.model.llava_builder import build_llava
+from llava_uta.model.processors import clip_image_processor, make_image_processor
 from llava_uta.train.trainer import modality_grouped_indices
 
 N_IMAGE = 16  # 32 px / patch 8 = 4x4 patches, CLS dropped

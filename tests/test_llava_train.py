@@ -18,8 +18,9 @@ from llava_helpers import make_dataset, make_lm_dir, make_tokenizer_dir, make_to
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlavaForConditionalGeneration, set_seed
 
+from llava_uta.model.checkpoint import load_state_dict_file
 from llava_uta.model.llava_builder import build_llava
-from llava_uta.model.projector import load_llava_projector, read_weights
+from llava_uta.model.projector import load_llava_projector
 from llava_uta.train.merge_lora import load_lora_model, merge_lora
 from llava_uta.train.train import train
 
@@ -94,7 +95,7 @@ def test_stage1_trains_only_the_projector_and_writes_llava_keys(parts, tmp_path,
     assert changed and all(n.startswith("model.multi_modal_projector.linear_") for n in changed)
     if projector == "linear":
         assert not any("linear_2" in n for n in changed)  # stays the identity
-    state = read_weights(tmp_path / "mm_projector.bin")
+    state = load_state_dict_file(tmp_path / "mm_projector.bin")
     assert set(state) == LLAVA_KEYS[projector]
     twin = load_file(tmp_path / "mm_projector.safetensors")
     assert all(torch.equal(state[k], twin[k]) for k in state)
@@ -124,7 +125,7 @@ def test_stage2_learns_keeps_the_tower_and_reloads_in_a_fresh_process(parts, sta
     with torch.no_grad():
         expected = trainer.model.eval()(**batch).logits
     script = textwrap.dedent(f"""
-        import torch, llava_uta
+        import torch, llava_uta.model
         from transformers import AutoProcessor, LlavaForConditionalGeneration
         model = LlavaForConditionalGeneration.from_pretrained({str(out)!r}).eval()
         processor = AutoProcessor.from_pretrained({str(out)!r})
@@ -268,7 +269,7 @@ def test_deepspeed_zero3_stage1_saves_the_trained_projector(parts, zero3_stage1)
     _, losses = _trainer_state(zero3_stage1)
     assert len(losses) == 4 and losses[-1] < losses[0]
     model = _reference(parts, "mlp2x_gelu")
-    state = read_weights(zero3_stage1 / "mm_projector.bin")
+    state = load_state_dict_file(zero3_stage1 / "mm_projector.bin")
     assert set(state) == LLAVA_KEYS["mlp2x_gelu"]
     load_llava_projector(model.model.multi_modal_projector, state, "mlp2x_gelu")
     expected, reloaded = _recorded_logits(zero3_stage1, model)  # the LM and the tower are the untouched originals

@@ -16,7 +16,6 @@ import pytest
 from llava_helpers import make_lm_dir, make_tokenizer_dir, make_tower_dir
 from transformers import AutoImageProcessor, AutoTokenizer
 
-from llava_uta.data.llava_dataset import make_processor
 from llava_uta.data.shapes.scene import COLORS, PLURALS
 from llava_uta.eval.llavabench.__main__ import main as bench_main
 from llava_uta.eval.llavabench.answer import answer_questions, get_chunk
@@ -33,6 +32,7 @@ from llava_uta.eval.llavabench.review import OWN_RULE, RuleFile, pair_by_id, rev
 from llava_uta.eval.llavabench.shapes_judge import score_answer
 from llava_uta.eval.llavabench.summarize import COMPARABILITY, summarize_reviews
 from llava_uta.model.llava_builder import build_llava
+from llava_uta.model.processors import make_processor
 from llava_uta.serve.loader import load_pretrained_model
 
 RULES = RuleFile.load(OWN_RULE)

@@ -14,7 +14,7 @@ from llava_uta.model.checkpoint import CheckpointError, load_state_dict_file
 from llava_uta.model.official import UTACLIP, load_official_checkpoint, load_official_visual
 from llava_uta.model.uta_vit import UTA_VIT_CONFIGS
 
-# ---- an independent reference, written from the math in paper.md §5.2-5.3, reading the official keys directly
+# ---- an independent reference, written from the math in docs/uta.md, reading the official keys directly
 
 
 def _ln(x, sd, prefix, eps):
@@ -154,7 +154,7 @@ def test_wrapped_state_dicts_load(tmp_path, official_state_dict, wrapper):
 
 
 def test_named_configs_match_the_released_shapes():
-    """uta_b16_224 / l14_336 / g14_336 carry the released towers' shapes (paper.md §5.2)."""
+    """uta_b16_224 / l14_336 / g14_336 carry the released towers' shapes (docs/uta.md#student-architecture)."""
     shapes = {
         name: (c.img_size, c.patch_size, c.depth, c.width, c.num_heads, c.mlp_hidden, c.out_dim)
         for name, c in UTA_VIT_CONFIGS.items()

@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import open_clip
 import pytest
 import torch
 from timm.layers import drop_path
@@ -21,13 +20,7 @@ from llava_uta.model.uta_vit import build_uta_vit
 from pretrain.engine import PretrainArguments, Pretrainer
 from pretrain.loop import load_rng_state, save_rng_state
 from pretrain.objectives import cosine_alignment, gather_patches, masked_indices, objective_loss
-from pretrain.train_clip import save_local_dir
 
-TEACHER_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16, "mlp_ratio": 2.0},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -36,14 +29,6 @@ def world(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pretrain") / "shapes"
     build(ShapesWorldConfig(image_size=32, num_clip=8, num_pretrain=64, num_zeroshot_per_class=1, num_stage1=4,
                             num_stage2=4, num_bench_images=2, clip_group_size=2), out, workers=1)
-    return out
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("teacher") / "clip"
-    save_local_dir(open_clip.CLIP(**TEACHER_CFG), TEACHER_CFG, out)
     return out
 
 

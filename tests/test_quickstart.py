@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
-import llava_uta  # noqa: F401  (registers the UTA tower with AutoModel)
+import llava_uta.model  # noqa: F401  (registers the UTA tower with AutoModel)
 from llava_uta.eval.llavabench.jsonl import read_jsonl
 from llava_uta.quickstart.pipeline import EQUAL_WALL_CLOCK, STUDENTS, TOWERS, Layout, RunState
 from llava_uta.quickstart.profiles import PROFILES, get_profile

@@ -49,7 +49,7 @@ def test_every_named_config_on_meta(name, dtype):
 
 
 def test_released_parameter_counts():
-    """Analytic parameter counts of the released towers (paper.md §5.2)."""
+    """Analytic parameter counts of the released towers (docs/uta.md#student-architecture)."""
     with torch.device("meta"):
         counts = {n: sum(p.numel() for p in build_uta_vit(n).parameters()) for n in ("uta_b16_224", "uta_l14_336")}
     assert counts == {"uta_b16_224": 86_638_336, "uta_l14_336": 304_646_080}

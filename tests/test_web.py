@@ -1,23 +1,30 @@
-"""The Gradio app in a subprocess: the /chat API (streamed = greedy), concurrency, bad uploads, a real browser, and
-the examples chosen for the model (ShapesWorld or photos)."""
+"""The Gradio app in a subprocess: the /chat API (streamed = greedy), concurrency, bad uploads, a real browser
+(Playwright driving the system Chromium: upload, chat, Stop), and the examples chosen for the model (ShapesWorld or
+photos)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import test_serve
-from browser import CHROMIUM, Browser
 from gradio_client import Client, handle_file
 from PIL import Image
+
+try:
+    from playwright.sync_api import Page, expect, sync_playwright
+except ImportError:  # the browser tests skip below
+    sync_playwright = None
 
 from llava_uta.data.shapes.writer import BENCH_DIR, ShapesWorldConfig, build
 from llava_uta.serve.chat import ChatSession
@@ -29,6 +36,16 @@ from llava_uta.serve.web import main as web_main
 QUESTION = "What is in the image?"
 MAX_NEW_TOKENS = 12
 folders = test_serve.folders  # the module fixture of tiny trained folders (stage 2 + a test image)
+
+CHROMIUM = Path("/usr/bin/chromium")  # the system Chromium: Playwright drives it, nothing is downloaded
+if not CHROMIUM.exists():
+    NO_BROWSER = f"no {CHROMIUM}: `make browser` installs it (tests/install_chromium.sh; Debian/Ubuntu, as root)"
+elif sync_playwright is None:
+    NO_BROWSER = "no playwright: `pip install -e '.[dev]'` (the Python package only; it drives the system Chromium)"
+else:
+    NO_BROWSER = ""
+    expect.set_options(timeout=60_000)  # a busy 2-core machine: the first answer can take a while
+needs_browser = pytest.mark.skipif(bool(NO_BROWSER), reason=NO_BROWSER)
 
 
 def free_port() -> int:
@@ -50,14 +67,14 @@ def wait_until_serving(url: str, process: subprocess.Popen, log: Path, timeout: 
     raise TimeoutError(f"{url} did not answer within {timeout} s:\n{log.read_text()}")
 
 
-@pytest.fixture(scope="module")
-def app(folders) -> str:
-    """The URL of `llava-uta-web` serving the tiny stage-2 folder (killed at the end)."""
-    port, log = free_port(), folders["root"] / "web.log"
+@contextmanager
+def serving(folders, name: str, launcher: list[str], *options: str):
+    """The URL of `llava-uta-web` serving the tiny stage-2 folder, started by `launcher` (killed at the end)."""
+    port, log = free_port(), folders["root"] / f"{name}.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(test_serve.REPO),
            "GRADIO_ANALYTICS_ENABLED": "False"}
-    command = [sys.executable, "-m", "llava_uta.serve.web", "--model-path", str(folders["stage2"]), "--device", "cpu",
-               "--port", str(port), "--concurrency", "2"]
+    command = [sys.executable, *launcher, "--model-path", str(folders["stage2"]), "--device", "cpu",
+               "--port", str(port), *options]
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
@@ -67,6 +84,43 @@ def app(folders) -> str:
     finally:
         process.kill()
         process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def app(folders) -> str:
+    """The URL of `llava-uta-web` serving the tiny stage-2 folder."""
+    with serving(folders, "web", ["-m", "llava_uta.serve.web"], "--concurrency", "2") as url:
+        yield url
+
+
+PACE_S = 0.05  # seconds per forward pass of the paced app
+PACED_TOKENS = 1024  # the slider's maximum: an answer the paced app streams for PACE_S * 1024 = 51 s or more
+
+# llava-uta-web whose model waits PACE_S before each forward pass (one per generated token) and never ends an answer
+# early (no end of sequence before max_new_tokens): an answer of PACED_TOKENS streams for most of a minute, so a
+# click on Stop lands mid-stream however slow the machine is.
+PACED_LAUNCHER = f"""
+import sys, time
+from llava_uta.serve import web
+
+load = web.load_from_args
+
+def paced(args):
+    loaded = load(args)
+    loaded.model.register_forward_pre_hook(lambda module, inputs: time.sleep({PACE_S}))
+    loaded.model.generation_config.min_new_tokens = {PACED_TOKENS}
+    return loaded
+
+web.load_from_args = paced
+web.main(sys.argv[1:])
+"""
+
+
+@pytest.fixture(scope="module")
+def paced_app(folders) -> str:
+    """The URL of a paced `llava-uta-web` (PACED_LAUNCHER) serving the tiny stage-2 folder."""
+    with serving(folders, "web-paced", ["-c", PACED_LAUNCHER], "--concurrency", "2") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -133,25 +187,101 @@ def test_bad_upload_shows_an_error_and_the_app_keeps_serving(app, folders, greed
     assert ask(app, folders["image"])[-1] == greedy_answer
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium: run tests/install_chromium.sh")
-def test_browser_upload_chat_and_screenshot(app, folders):
-    browser = Browser()
+@pytest.fixture(scope="module")
+def browser():
+    """The system Chromium, headless, driven by Playwright; closed (and its profile removed by Playwright) at the
+    end of the module."""
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                             args=["--disable-gpu", "--disable-dev-shm-usage"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh page (its own browser context: cookies, Gradio session) with generous timeouts for a busy machine."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    context.set_default_timeout(60_000)
     try:
-        browser.call("Page.navigate", url=app)
-        browser.wait_for("document.querySelector('#image input[type=file]') !== null")
-        browser.set_files("#image input[type=file]", folders["image"])
-        browser.wait_for("document.querySelector('#image img') !== null")
-        browser.evaluate("document.querySelector('#message textarea').focus()")
-        browser.call("Input.insertText", text=QUESTION)
-        browser.evaluate("document.querySelector('#send').click()")
-        chat = "document.querySelector('#chat').innerText"
-        text = browser.wait_for(f"{chat}.includes({QUESTION!r}) && {chat}.split({QUESTION!r})[1].trim()")
-        assert text.strip()
-        time.sleep(1.0)  # let the stream finish before the picture
-        browser.screenshot(folders["root"] / "web.png")
+        yield context.new_page()
     finally:
-        browser.close()
+        context.close()
+
+
+ANY_TEXT = re.compile(r"\S")
+
+
+def open_app(page: Page, url: str, image: Path) -> None:
+    """The app at `url` with `image` uploaded through the image input."""
+    page.goto(url)
+    page.locator("#image input[type=file]").set_input_files(image)
+    expect(page.locator("#image img")).to_be_visible()
+
+
+def set_max_tokens(page: Page, tokens: int) -> None:
+    """Type `tokens` into the "Max output tokens" box under Parameters (opened if closed)."""
+    box = page.get_by_label("number input for Max output tokens")
+    if not box.is_visible():
+        page.get_by_text("Parameters").click()
+    box.fill(str(tokens))
+    box.press("Enter")
+    expect(page.get_by_label("range slider for Max output tokens")).to_have_value(str(tokens))
+
+
+def send(page: Page, question: str) -> None:
+    page.locator("#message textarea").fill(question)
+    page.locator("#send").click()
+
+
+def chat_messages(page: Page) -> list[tuple[str, str]]:
+    """The chat as (role, text) pairs in order, role "user" or "bot"."""
+    messages = page.locator("#chat [data-testid=user], #chat [data-testid=bot]")
+    return [(m.get_attribute("data-testid"), m.inner_text().strip()) for m in messages.all()]
+
+
+def wait_until_answered(page: Page, question: str) -> None:
+    """Until the chat ends with `question` and a non-empty answer, and the answer has stopped streaming (the chat's
+    progress tracker is hidden again)."""
+    expect(page.locator("#chat [data-testid=user]").last).to_have_text(question)  # shown with its (empty) answer
+    expect(page.locator("#chat [data-testid=bot]").last).to_have_text(ANY_TEXT)
+    expect(page.locator("#chat [data-testid=status-tracker]")).to_have_class(re.compile(r"\bhide\b"))
+
+
+@needs_browser
+def test_browser_upload_chat_and_screenshot(app, folders, page):
+    open_app(page, app, folders["image"])
+    send(page, QUESTION)
+    wait_until_answered(page, QUESTION)
+    [(user, question), (bot, answer)] = chat_messages(page)
+    assert (user, question, bot) == ("user", QUESTION, "bot") and answer
+    page.screenshot(path=folders["root"] / "web.png")
     assert (folders["root"] / "web.png").stat().st_size > 10_000
+
+
+@needs_browser
+def test_browser_stop_keeps_the_partial_answer_and_the_chat_goes_on(paced_app, folders, page):
+    """Stop mid-stream: the answer stops, stays in the conversation as it was, and the next question is answered."""
+    open_app(page, paced_app, folders["image"])
+    set_max_tokens(page, PACED_TOKENS)
+    send(page, QUESTION)
+    expect(page.locator("#chat [data-testid=bot]").first).to_have_text(ANY_TEXT)  # streaming, for 51 s or more
+    page.locator("#stop").click()
+    expect(page.locator("#chat [data-testid=status-tracker]")).to_have_class(re.compile(r"\bhide\b"))  # idle
+
+    follow_up = "What color is it?"
+    set_max_tokens(page, 16)
+    send(page, follow_up)
+    wait_until_answered(page, follow_up)
+    chat = chat_messages(page)  # the first turn comes from the server's conversation, not from this page
+    assert [role for role, _ in chat] == ["user", "bot", "user", "bot"], f"the stopped turn is gone: {chat}"
+    [(_, first_question), (_, partial), (_, second_question), (_, answer)] = chat
+    assert (first_question, second_question) == (QUESTION, follow_up)
+    assert partial and answer
+    # stopped mid-stream: a whole answer of PACED_TOKENS tokens is about a thousand characters
+    assert len(partial) < 300, partial
 
 
 @pytest.fixture(scope="module")

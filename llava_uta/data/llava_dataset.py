@@ -1,9 +1,8 @@
 """LLaVA-format training data (CC-3M-595K / Instruct-150K JSON) for transformers' Llava, read lazily.
 
 Each item is tokenized and its image decoded when it is fetched; only the parsed JSON list stays in memory.
-`--image_aspect_ratio pad` pads to a square with the processor's mean colour before the resize and crop
-(LLaVA's expand2square), `square` leaves the image to the processor's resize + centre crop. Both go through one
-`LlavaImageProcessor` (`do_pad` on or off) that is saved with the model, so generation preprocesses identically.
+Images go through the model's `LlavaImageProcessor` (llava_uta.model.processors: `square` or `pad`), the one saved
+with the model, so generation preprocesses identically.
 """
 
 from __future__ import annotations
@@ -16,36 +15,13 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from transformers import BaseImageProcessor, LlavaImageProcessor, LlavaProcessor
+from transformers import BaseImageProcessor
 
 from llava_uta.constants import IGNORE_INDEX
 from llava_uta.conversation import get_template
 from llava_uta.data.preprocess import BadSampleError, build_conversation, tokenize_conversation
 
 logger = logging.getLogger(__name__)
-
-ASPECT_RATIOS = ("square", "pad")
-_PROCESSOR_FIELDS = (
-    "do_resize",
-    "size",
-    "resample",
-    "do_center_crop",
-    "crop_size",
-    "do_rescale",
-    "rescale_factor",
-    "do_normalize",
-    "image_mean",
-    "image_std",
-    "do_convert_rgb",
-)
-
-
-def make_image_processor(base: BaseImageProcessor, image_aspect_ratio: str) -> LlavaImageProcessor:
-    """The tower's (CLIP) image processor as a LlavaImageProcessor that pads to square for `pad`."""
-    if image_aspect_ratio not in ASPECT_RATIOS:
-        raise ValueError(f"image_aspect_ratio must be one of {ASPECT_RATIOS}, got {image_aspect_ratio!r}")
-    settings = {k: v for k, v in base.to_dict().items() if k in _PROCESSOR_FIELDS and v is not None}
-    return LlavaImageProcessor(**settings, do_pad=image_aspect_ratio == "pad")
 
 
 class LazySupervisedDataset(Dataset):
@@ -155,14 +131,3 @@ class DataCollatorForSupervisedDataset:
         if images:
             batch["pixel_values"] = torch.stack(images)
         return batch
-
-
-def make_processor(model, tokenizer, tower_processor, image_aspect_ratio: str) -> LlavaProcessor:
-    """Tokenizer + image processor saved with the model; expands `<image>` exactly as training does."""
-    return LlavaProcessor(
-        image_processor=make_image_processor(tower_processor, image_aspect_ratio),
-        tokenizer=tokenizer,
-        patch_size=model.config.vision_config.patch_size,
-        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-        num_additional_image_tokens=1,  # the CLS token of the UTA / CLIP tower
-    )

@@ -3,7 +3,7 @@
 The prompt is rendered once by `llava_uta.conversation` and tokenized in one piece, exactly as at generation
 time; a token is supervised when its characters overlap an answer span the template reports (the answer and its
 closing separator, e.g. `</s>` for v1). That replaces LLaVA's per-round length arithmetic, which silently masks
-whole samples when a tokenizer splits differently ("tokenization mismatch", llava.md §8.2).
+whole samples when a tokenizer splits differently ("tokenization mismatch", docs/llava.md#known-pitfalls).
 Each `<image>` is one added special token, expanded here to the tower's number of image tokens, as
 transformers' Llava expects (`image_token_id`, `image_seq_length`).
 """

@@ -1,4 +1,4 @@
-"""Zero-shot classification and image-text retrieval (the UTA / CLIP protocol, paper.md §1.9).
+"""Zero-shot classification and image-text retrieval (the UTA / CLIP protocol, docs/uta.md#zero-shot-evaluation).
 
 Classification: each class weight is the mean of the L2-normalised text embeddings of its prompts (one per
 template), re-normalised; logits = 100 * normalised image embedding @ weights; top-1 / top-5 as fractions.
@@ -16,12 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -62,14 +65,16 @@ def _autocast(device: torch.device, amp: bool):
 
 @torch.no_grad()
 def encode_images(
-    zs: ZeroShotModel, loader: DataLoader, device: torch.device, amp: bool, desc: str
+    model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False, desc: str | None = None
 ) -> tuple[Tensor, Tensor | None]:
-    """Normalised image embeddings (N, D) and the loader's labels (if it yields any), in dataset order."""
+    """Normalised `model.encode_image` embeddings (N, D) on the CPU and the loader's labels (if it yields any), in
+    dataset order; images are cast to the model's dtype. `desc` names a progress bar (None: no bar)."""
     features, labels = [], []
-    for batch in tqdm(loader, desc=desc, unit="batch"):
+    dtype = next(model.parameters()).dtype
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=desc is None):
         images, batch_labels = batch if isinstance(batch, list | tuple) else (batch, None)
         with _autocast(device, amp):
-            features.append(zs.model.encode_image(images.to(device), normalize=True).float().cpu())
+            features.append(F.normalize(model.encode_image(images.to(device, dtype)).float(), dim=-1).cpu())
         if batch_labels is not None:
             labels.append(batch_labels)
     return torch.cat(features), torch.cat(labels) if labels else None
@@ -85,27 +90,77 @@ def encode_texts(zs: ZeroShotModel, texts: list[str], device: torch.device, amp:
     return torch.cat(chunks)
 
 
+def class_prompts(
+    classnames: str | os.PathLike | None = None, templates: str | os.PathLike | None = None
+) -> tuple[list[str], list[str]]:
+    """Class names and prompt templates from JSON list files; by default open_clip's ImageNet class names and
+    OpenAI's 80 templates."""
+    names = load_json_list(classnames, "class name") if classnames else list(IMAGENET_CLASSNAMES)
+    prompts = load_json_list(templates, "template") if templates else list(OPENAI_IMAGENET_TEMPLATES)
+    return names, prompts
+
+
+class ZeroShotProbe:
+    """Zero-shot classification of a class folder with any image encoder whose `encode_image` lands in the space of
+    a CLIP text tower: the CLI's classification, and the periodic evaluation of the training loops.
+
+    The class weights are built once per text tower (`set_text_tower`), so a loop with a frozen text tower builds
+    them once and one that trains its text tower rebuilds them before each evaluation.
+    """
+
+    def __init__(self, names: list[str], prompts: list[str], loader: DataLoader, device: torch.device,
+                 amp: bool = False, progress: bool = False):
+        self.names, self.prompts, self.loader, self.device = names, prompts, loader, device
+        self.amp, self.progress = amp, progress
+        self.classifier: Tensor | None = None
+
+    @classmethod
+    def build(cls, folder: str | os.PathLike, image_size: int, device: torch.device,
+              classnames: str | os.PathLike | None = None, templates: str | os.PathLike | None = None,
+              batch_size: int = 256, workers: int = 2, mean: tuple[float, ...] = OPENAI_DATASET_MEAN,
+              std: tuple[float, ...] = OPENAI_DATASET_STD, amp: bool = False, progress: bool = False
+              ) -> ZeroShotProbe:
+        """The probe of a class folder; `classnames` / `templates` are JSON list files (see `class_prompts`)."""
+        names, prompts = class_prompts(classnames, templates)
+        dataset = class_folder(folder, clip_eval_transform(image_size, mean, std))
+        if len(dataset.classes) != len(names):
+            raise ValueError(f"{folder} has {len(dataset.classes)} class folders but {len(names)} class names")
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+        return cls(names, prompts, loader, device, amp, progress)
+
+    @torch.no_grad()
+    def set_text_tower(self, clip: nn.Module, tokenizer: Callable[[list[str]], Tensor]) -> None:
+        """(Re)build the class weights with `clip.encode_text` (eval mode; the caller restores train mode)."""
+        clip.eval()
+        with _autocast(self.device, self.amp):
+            classifier = build_zero_shot_classifier(clip, tokenizer, self.names, self.prompts, device=self.device,
+                                                    use_tqdm=self.progress)
+        self.classifier = classifier.float().cpu()
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """top-1 / top-5 of `model.encode_image` (eval mode; the caller restores train mode)."""
+        if self.classifier is None:
+            raise RuntimeError("ZeroShotProbe.set_text_tower must be called before evaluate")
+        model.eval()
+        features, labels = encode_images(model, self.loader, self.device, self.amp, "images" if self.progress else None)
+        return topk_accuracy(100.0 * features @ self.classifier, labels)
+
+
 def zero_shot_classification(
     zs: ZeroShotModel,
     root: str | os.PathLike,
-    classnames: list[str],
-    templates: list,
+    classnames: str | os.PathLike | None,
+    templates: str | os.PathLike | None,
     device: torch.device,
     batch_size: int = 64,
     workers: int = 4,
     amp: bool = False,
 ) -> dict[str, float]:
-    dataset = class_folder(root, clip_eval_transform(zs.image_size, zs.mean, zs.std))
-    if len(dataset.classes) != len(classnames):
-        raise ValueError(f"{root} has {len(dataset.classes)} class folders but {len(classnames)} class names")
-    with _autocast(device, amp):
-        classifier = build_zero_shot_classifier(
-            zs.model, zs.tokenizer, classnames, templates, device=device, use_tqdm=True
-        )
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    features, labels = encode_images(zs, loader, device, amp, desc="images")
-    logits = 100.0 * features @ classifier.float().cpu()
-    return {**topk_accuracy(logits, labels), "num_images": len(dataset), "num_classes": len(classnames)}
+    """top-1 / top-5 of a class folder; `classnames` / `templates` are JSON list files (None: ImageNet, OpenAI)."""
+    probe = ZeroShotProbe.build(root, zs.image_size, device, classnames, templates, batch_size, workers, zs.mean,
+                                zs.std, amp, progress=True)
+    probe.set_text_tower(zs.model, zs.tokenizer)
+    return {**probe.evaluate(zs.model), "num_images": len(probe.loader.dataset), "num_classes": len(probe.names)}
 
 
 def zero_shot_retrieval(
@@ -119,7 +174,7 @@ def zero_shot_retrieval(
 ) -> dict[str, float]:
     dataset = CaptionedImages(captions_file, clip_eval_transform(zs.image_size, zs.mean, zs.std), split)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    image_features, _ = encode_images(zs, loader, device, amp, desc="images")
+    image_features, _ = encode_images(zs.model, loader, device, amp, desc="images")
     text_features = encode_texts(zs, dataset.captions, device, amp, batch_size)
     similarity = image_features @ text_features.T
     recalls = retrieval_recall(similarity, torch.tensor(dataset.caption_image))
@@ -160,10 +215,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         zs.image_size = args.image_size
     results: dict = {"model": args.model, "checkpoint": args.checkpoint, "text_model": args.text_model}
     if args.imagenet:
-        classnames = load_json_list(args.classnames, "class name") if args.classnames else list(IMAGENET_CLASSNAMES)
-        templates = load_json_list(args.templates, "template") if args.templates else list(OPENAI_IMAGENET_TEMPLATES)
         results["classification"] = zero_shot_classification(
-            zs, args.imagenet, classnames, templates, device, args.batch_size, args.workers, args.amp
+            zs, args.imagenet, args.classnames, args.templates, device, args.batch_size, args.workers, args.amp
         )
     if args.retrieval:
         results["retrieval"] = zero_shot_retrieval(

@@ -1,4 +1,5 @@
-"""Safe checkpoint I/O: read state dicts without unpickling code, load them strictly, save UTA students.
+"""Checkpoint I/O, the one home of state-dict files: read them without unpickling code, write them atomically,
+load them strictly, save and load UTA students.
 
 A UTA student checkpoint (what the pre-training engine writes) is `NAME.safetensors` holding the
 `UTAViT` state dict plus `NAME.json` beside it holding its `UTAViTConfig` fields.
@@ -16,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from llava_uta.io_utils import write_json_atomic
+from llava_uta.io_utils import atomic_file, write_json_atomic
 from llava_uta.model.uta_vit import UTAViT, UTAViTConfig
 
 WRAPPER_KEYS = ("state_dict", "model", "module")  # common containers around a state dict
@@ -52,6 +53,20 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
             f"got {type(obj).__name__}" + (f" with keys {list(obj)[:8]}" if isinstance(obj, dict) else "")
         )
     return obj
+
+
+def save_state_dict_file(state: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+                         ) -> None:
+    """Write a flat state dict atomically: .safetensors (with `metadata`), or a torch.save'd dict for .bin/.pt."""
+    path = Path(path)
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    with atomic_file(path) as tmp:
+        if path.suffix == ".safetensors":
+            save_file(state, tmp, metadata=metadata)
+        elif metadata:
+            raise ValueError(f"{path}: metadata needs a .safetensors file")
+        else:
+            torch.save(state, tmp)
 
 
 def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -95,13 +110,8 @@ def save_uta_vit(model: UTAViT, path: str | os.PathLike, state_dict: dict[str, T
 
     `state_dict` replaces the model's own weights (e.g. the fp32 masters of a bf16 DeepSpeed run).
     """
-    path = Path(path)
-    state = {k: v.detach().contiguous() for k, v in (state_dict or model.state_dict()).items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
-    cfg_path = student_config_path(path)
-    write_json_atomic(cfg_path, dataclasses.asdict(model.cfg))
+    save_state_dict_file(state_dict or model.state_dict(), path, metadata={"format": "pt"})
+    write_json_atomic(student_config_path(path), dataclasses.asdict(model.cfg))
 
 
 def load_uta_vit_config(path: str | os.PathLike) -> UTAViTConfig:

@@ -8,7 +8,7 @@
     llava-uta-convert --from-open-clip local-dir:runs/teacher towers/teacher   # an open_clip ViT CLIP, for comparison
     llava-uta-convert --blind towers/uta-student towers/blind     # the blind baseline: patch embedding zeroed
 
-The folder loads with `AutoModel.from_pretrained` / `AutoImageProcessor.from_pretrained` once `llava_uta` is
+The folder loads with `AutoModel.from_pretrained` / `AutoImageProcessor.from_pretrained` once `llava_uta.model` is
 imported, and serves as the vision tower of a Llava model. `--image-size` resamples the absolute position embedding
 and rebuilds RoPE for the new grid (checkpoint.resize_uta_vit); the tower carries no drop-path (an inference tower).
 """
@@ -17,35 +17,16 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from safetensors.torch import save_file
-from transformers import CLIPImageProcessor
-from transformers.image_utils import PILImageResampling
-
-from llava_uta.model.checkpoint import load_uta_vit, student_config_path
+from llava_uta.model.blind_tower import blind_tower
+from llava_uta.model.checkpoint import load_uta_vit, save_state_dict_file, student_config_path
 from llava_uta.model.hf_vision import UTAVisionModel
 from llava_uta.model.official import export_official, load_official_visual
 from llava_uta.model.openclip_loader import create_openclip
+from llava_uta.model.openclip_tower import convert_open_clip
+from llava_uta.model.processors import clip_image_processor
 from llava_uta.model.uta_vit import UTAViT
-
-
-def clip_image_processor(
-    image_size: int,
-    mean: Sequence[float] = OPENAI_DATASET_MEAN,
-    std: Sequence[float] = OPENAI_DATASET_STD,
-    resample: PILImageResampling = PILImageResampling.BICUBIC,
-) -> CLIPImageProcessor:
-    """Short-side resize, centre crop, normalise; the defaults (bicubic, OpenAI CLIP mean/std) are UTA's evaluation."""
-    return CLIPImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        resample=resample,
-        image_mean=list(mean),
-        image_std=list(std),
-    )
 
 
 def load_any_uta_vit(path: str | os.PathLike, kind: str = "auto", image_size: int | None = None) -> UTAViT:
@@ -70,11 +51,8 @@ def export_to_official(checkpoint: str | os.PathLike, out_file: str | os.PathLik
     """Write a checkpoint in the released key layout (.safetensors), with the text tower of an open_clip model."""
     vit = load_any_uta_vit(checkpoint, kind, image_size)
     clip = create_openclip(text_model) if text_model else None
-    out_file = Path(out_file)
-    tmp = out_file.with_name(f".{out_file.name}.tmp")
-    save_file(export_official(vit, clip), tmp)
-    os.replace(tmp, out_file)
-    return out_file
+    save_state_dict_file(export_official(vit, clip), out_file)
+    return Path(out_file)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,14 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.image_size is not None and args.checkpoint is None:
         parser.error("--image-size applies to a UTA checkpoint (student or released), not to another tower")
     if args.blind:
-        from llava_uta.model.blind_tower import blind_tower
-
         out = blind_tower(args.blind, args.out)
     elif args.from_open_clip:
         if args.to != "hf":
             parser.error("--from-open-clip writes a transformers tower folder only (--to hf)")
-        from llava_uta.model.openclip_tower import convert_open_clip  # it imports clip_image_processor from here
-
         out = convert_open_clip(args.from_open_clip, args.out, args.open_clip_pretrained)
     elif args.to == "official":
         out = export_to_official(args.checkpoint, args.out, args.text_model, args.kind, args.image_size)

@@ -1,8 +1,9 @@
 """The UTA ViT as a transformers vision tower (e.g. LlavaConfig(vision_config=UTAVisionConfig(...))).
 
 `UTAVisionModel` wraps the one `UTAViT` definition and follows the contract transformers 5.x's Llava puts on a
-vision tower (env.md §3): it takes `output_hidden_states` as a bool, an int or a list of layer indices (Llava
-passes its `vision_feature_layer` there) and always returns indexable `hidden_states`, CLS at token 0.
+vision tower (docs/environment.md#a-custom-vision-tower-in-transformers-llava): it takes `output_hidden_states` as
+a bool, an int or a list of layer indices (Llava passes its `vision_feature_layer` there) and always returns
+indexable `hidden_states`, CLS at token 0.
 Importing this module registers the classes with AutoConfig / AutoModel under model_type "uta_vision".
 """
 

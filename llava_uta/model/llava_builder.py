@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 
 import torch
-from peft import PeftModel
 from tokenizers import AddedToken
 from transformers import (
     AutoConfig,
@@ -33,13 +32,8 @@ from transformers.modeling_utils import set_zero3_state
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from llava_uta.constants import DEFAULT_IMAGE_TOKEN
-from llava_uta.model.projector import (
-    PROJECTOR_ACTIVATIONS,
-    check_projector_type,
-    gathered,
-    init_linear_projector,
-    read_weights,
-)
+from llava_uta.model.checkpoint import load_state_dict_file
+from llava_uta.model.projector import PROJECTOR_ACTIVATIONS, check_projector_type, gathered, init_linear_projector
 
 SELECT_FEATURES = {"patch": "default", "cls_patch": "full"}
 
@@ -147,29 +141,51 @@ def build_llava(
     return model
 
 
+def recorded_parts(
+    config: LlavaConfig, model_base: ModelSource | None = None, vision_tower: ModelSource | None = None
+) -> tuple[ModelSource, ModelSource]:
+    """(base LLM, tower) of a training output: the given ones, else the paths its config.json records."""
+    model_base = model_base or getattr(config, "mm_language_model", None)
+    vision_tower = vision_tower or getattr(config, "mm_vision_tower", None)
+    if not model_base or not vision_tower:
+        raise ValueError("the run's config.json records no base LLM / tower: pass the base LLM (model_base, "
+                         "--model-base) and the vision tower")
+    return model_base, vision_tower
+
+
+def rebuild_llava(
+    config: LlavaConfig,
+    tokenizer,
+    model_base: ModelSource | None = None,
+    vision_tower: ModelSource | None = None,
+    dtype: torch.dtype | None = None,
+) -> LlavaForConditionalGeneration:
+    """A fresh Llava assembled as a training output's config.json records it (`build_llava` with its settings).
+
+    The base LLM and tower are `recorded_parts`; the projector is freshly initialised, for the caller to load the
+    trained one.
+    """
+    model_base, vision_tower = recorded_parts(config, model_base, vision_tower)
+    select_feature = {v: k for k, v in SELECT_FEATURES.items()}[config.vision_feature_select_strategy]
+    return build_llava(model_base, vision_tower, tokenizer, config.mm_projector_type, config.vision_feature_layer,
+                       select_feature, dtype)
+
+
 NON_LORA_FILE = "non_lora_trainables.safetensors"  # the projector of a LoRA run, beside the adapter
 
 
-def load_lora_model(
-    model_path: str | os.PathLike, model_base: str | None = None, vision_tower: str | None = None
-) -> PeftModel:
-    """The LoRA-trained model, unmerged: rebuilt base + trained projector + adapter."""
+def load_lora_model(model_path: str | os.PathLike, model_base: str | None = None, vision_tower: str | None = None):
+    """The LoRA-trained model, unmerged (a peft `PeftModel`): rebuilt base + trained projector + adapter."""
+    from peft import PeftModel  # only LoRA outputs need peft
+
     config = LlavaConfig.from_pretrained(model_path)
-    model_base = model_base or config.mm_language_model
-    vision_tower = vision_tower or config.mm_vision_tower
-    if not model_base or not vision_tower:
-        raise ValueError("the LoRA config does not record the base LLM / tower: pass --model_base and --vision_tower")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    select_feature = {v: k for k, v in SELECT_FEATURES.items()}[config.vision_feature_select_strategy]
-    base = build_llava(
-        model_base, vision_tower, tokenizer, config.mm_projector_type, config.vision_feature_layer, select_feature
-    )
+    base = rebuild_llava(config, AutoTokenizer.from_pretrained(model_path), model_base, vision_tower)
     if (
         base.config.image_token_id != config.image_token_id
         or base.config.text_config.vocab_size != config.text_config.vocab_size
     ):
         raise ValueError("the rebuilt base does not match the LoRA run's vocabulary (different LLM or tokenizer?)")
-    projector = read_weights(os.path.join(model_path, NON_LORA_FILE))
+    projector = load_state_dict_file(os.path.join(model_path, NON_LORA_FILE))
     missing, unexpected = base.load_state_dict(projector, strict=False)
     if unexpected or any(k.startswith("model.multi_modal_projector.") for k in missing):
         raise ValueError(f"{NON_LORA_FILE} does not fit the projector: unexpected {unexpected}")

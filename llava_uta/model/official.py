@@ -1,6 +1,6 @@
 """The released UTA checkpoints (github.com/jihaonew/UTA): layout, conversion and strict loading.
 
-A released checkpoint is one flat state dict (paper.md §5.1-5.3):
+A released checkpoint is one flat state dict (docs/uta.md#released-checkpoints):
   visual.*     the EVA-style vision tower; its RoPE tables are stored as buffers, once at `visual.rope.*`
                and again in every block at `visual.blocks.{i}.attn.rope.*`
   text.*       an open_clip-style text tower (width 1024, 24 layers, 16 heads, GELU, vocab 49408, ctx 77)
@@ -16,12 +16,10 @@ import math
 import os
 import re
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import TextTransformer
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from llava_uta.model.checkpoint import (
@@ -30,6 +28,7 @@ from llava_uta.model.checkpoint import (
     load_strict,
     resize_uta_vit,
     safetensors_metadata,
+    save_state_dict_file,
 )
 from llava_uta.model.uta_vit import UTAViT, UTAViTConfig
 
@@ -208,11 +207,8 @@ def export_official(visual: UTAViT, clip_text: nn.Module | None = None, logit_sc
 
 def save_released(clip: UTACLIP, path: str | os.PathLike) -> None:
     """Write a UTACLIP in the released key layout as .safetensors, atomically, its text head count in the metadata."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     state = export_official(clip.visual, clip.text, float(clip.logit_scale))
-    save_file(state, tmp, metadata={"format": "pt", "text_heads": str(clip.text.heads)})
-    os.replace(tmp, path)
+    save_state_dict_file(state, path, metadata={"format": "pt", "text_heads": str(clip.text.heads)})
 
 
 def openclip_text_tower(clip: nn.Module, tokenizer: Callable[[list[str]], Tensor], source: str) -> TextTransformer:

@@ -21,8 +21,8 @@ from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 from transformers.image_utils import PILImageResampling
 
-from llava_uta.model.convert import clip_image_processor
 from llava_uta.model.openclip_loader import create_openclip
+from llava_uta.model.processors import clip_image_processor
 
 RESAMPLING = {"bicubic": PILImageResampling.BICUBIC, "bilinear": PILImageResampling.BILINEAR}
 

@@ -11,13 +11,9 @@ trained, so a saved model needs no custom code to load. On export the two layers
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -92,24 +88,3 @@ def load_llava_projector(projector: nn.Module, state: dict[str, torch.Tensor], p
     if projector_type == "linear":
         init_linear_projector(projector)
 
-
-def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A .safetensors file, or a torch .bin of plain tensors (loaded with weights_only=True)."""
-    if str(path).endswith(".safetensors"):
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def write_weights(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write atomically (temporary file, then rename) as safetensors or torch .bin, by file extension."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    os.close(fd)
-    try:
-        state = {k: v.contiguous() for k, v in state.items()}
-        save_file(state, tmp) if path.suffix == ".safetensors" else torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -1,6 +1,6 @@
 """The UTA vision transformer (student of Unmasked Token Alignment, Liu et al., TMLR 2024).
 
-An EVA-02-style plain ViT, as released with UTA (docs: paper.md §1.4, §5.2):
+An EVA-02-style plain ViT, as released with UTA (docs/uta.md#student-architecture):
 pre-LN blocks; separate q/k/v projections with q and v bias (no k bias); 2-D RoPE on the patch tokens
 (not on CLS), built for a 16x16 reference grid and interpolated to the actual grid, interleaved pairs,
 first half of each head rotated by the row index and the second half by the column index; a learned

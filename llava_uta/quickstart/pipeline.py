@@ -13,15 +13,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from llava_uta.io_utils import write_json_atomic
+from llava_uta.data.shapes.writer import ShapesWorldConfig
+from llava_uta.io_utils import atomic_file, write_json_atomic
 from llava_uta.model.uta_vit import UTA_VIT_CONFIGS
-from llava_uta.quickstart.profiles import Profile
+from llava_uta.quickstart.profiles import RECIPE, Profile, warmup_steps
 from pretrain.masking import KeepIndexGenerator
 
-STUDENT_MODEL = "uta_tiny_p8_64"
-MASK_RATIO = 0.5
-GRID = UTA_VIT_CONFIGS[STUDENT_MODEL].grid_size
-UTA_KEPT_SHARE = 1 / (1 + KeepIndexGenerator(GRID, MASK_RATIO).num_keep)  # CLS share of UTA's plain-mean loss
+GRID = UTA_VIT_CONFIGS[RECIPE.student_model].grid_size
+UTA_KEPT_SHARE = 1 / (1 + KeepIndexGenerator(GRID, RECIPE.mask_ratio).num_keep)  # CLS share of UTA's plain-mean loss
 # name -> (uta-pretrain flags, title). Objective baselines get UTA's training seconds; masking ablations its steps.
 STUDENTS = {
     "uta": ([], "UTA, reversed block masking (kept = blocks)"),
@@ -33,7 +32,6 @@ STUDENTS = {
     "uta-random": (["--masking", "random"], "UTA, random masking"),
 }
 EQUAL_WALL_CLOCK = ("mim", "fd", "cls")
-FINETUNE_LR = "2e-3"  # LAMB steps relative to each weight norm; the paper's 2e-4 is for ~30k steps, not 100
 # LLaVA's vision towers. "blind" is the UTA tower with its patch embedding zeroed: the same recipe, no image.
 TOWERS = {"uta": "UTA student", "teacher": "teacher CLIP", "blind": "blind (image withheld)"}
 
@@ -86,15 +84,16 @@ class Layout:
 
 
 class RunState:
-    """quickstart.json: the profile, and the finished stages with their seconds."""
+    """quickstart.json: the profile (its budgets and the recipe), and the finished stages with their seconds."""
 
     def __init__(self, path: Path, profile: Profile, profile_name: str):
         self.path = path
-        wanted = {"name": profile_name, **asdict(profile)}
+        wanted = {"name": profile_name, **asdict(profile), "recipe": asdict(RECIPE)}
         self.data = json.loads(path.read_text()) if path.is_file() else {"profile": wanted, "stages": {}}
         if self.data["profile"] != wanted:
             raise ValueError(f"{path} records a run with other budgets ({self.data['profile']['name']} profile, "
-                             "or changed steps): use another --runs folder, or delete that one to start over")
+                             "changed steps, or another recipe): use another --runs folder, or delete that one to "
+                             "start over")
 
     def done(self, stage: Stage) -> bool:
         return stage.key in self.data["stages"] and stage.output.exists()
@@ -165,9 +164,10 @@ class Pipeline:
     def train_teacher(self) -> None:
         from pretrain.train_clip import main
 
+        group_size = self.profile.world.get("clip_group_size", ShapesWorldConfig.clip_group_size)
         main(["--train-csv", str(self.paths.data / "clip" / "captions.csv"), "--out", str(self.paths.teacher),
               "--steps", str(self.profile.teacher_steps), "--batch-size", str(self.profile.teacher_batch),
-              "--group-size", "4", "--seed", str(self.seed)])
+              "--group-size", str(group_size), "--seed", str(self.seed)])
 
     def train_lm(self) -> None:
         from llava_uta.train.tiny_lm import main
@@ -185,26 +185,29 @@ class Pipeline:
     def train_student(self, name: str) -> None:
         from pretrain.train import main
 
-        p, prof, zs = self.paths, self.profile, self.paths.data / "zeroshot"
+        p, prof, r, zs = self.paths, self.profile, RECIPE, self.paths.data / "zeroshot"
         main(["--data_path", str(p.data / "pretrain" / "train"), "--output_dir", str(p.student(name)), "--resume",
-              "--teacher", f"local-dir:{p.teacher}", "--model", STUDENT_MODEL, "--mask_ratio", str(MASK_RATIO),
-              "--batch_size", str(prof.student_batch), "--micro_batch_size", str(prof.student_batch), "--lr", "1e-3",
-              "--warmup_steps", str(min(prof.student_warmup, max(prof.student_steps // 5, 1))),
-              "--crop_min_scale", "0.5", "--workers", "1", "--save_every", "100", "--seed", str(self.seed),
+              "--teacher", f"local-dir:{p.teacher}", "--model", r.student_model, "--mask_ratio", str(r.mask_ratio),
+              "--batch_size", str(prof.student_batch), "--micro_batch_size", str(prof.student_batch),
+              "--lr", str(r.student_lr),
+              "--warmup_steps", str(warmup_steps(prof.student_steps, r.student_warmup_divisor, prof.student_warmup)),
+              "--crop_min_scale", str(r.student_crop_min_scale), "--workers", "1", "--save_every", "100",
+              "--seed", str(self.seed),
               "--teacher_cache", str(p.teacher_cache), "--cache_views", str(prof.cache_views),
               "--eval_data", str(zs / "val"), "--eval_classnames", str(zs / "classnames.json"),
               "--eval_templates", str(zs / "templates.json"), *self.student_budget(name), *STUDENTS[name][0]])
 
     def finetune_student(self) -> None:
-        """The paper's second stage at this scale: LAMB, layer decay 0.75, T = 0.01, on the teacher's captions."""
+        """The paper's second stage at this scale: LAMB with layer decay, T = 0.01, on the teacher's captions."""
         from pretrain.finetune_clip import main
 
-        p, prof, zs = self.paths, self.profile, self.paths.data / "zeroshot"
+        p, prof, r, zs = self.paths, self.profile, RECIPE, self.paths.data / "zeroshot"
         main(["--train_data", str(p.data / "clip" / "captions.csv"), "--output_dir", str(p.finetuned("uta")),
               "--init", str(p.student("uta") / "student.safetensors"), "--text_model", f"local-dir:{p.teacher}",
               "--max_steps", str(prof.finetune_steps), "--batch_size", str(prof.finetune_batch),
-              "--micro_batch_size", str(prof.finetune_batch), "--lr", FINETUNE_LR,
-              "--warmup_steps", str(max(prof.finetune_steps // 10, 1)), "--layer_decay", "0.75",
+              "--micro_batch_size", str(prof.finetune_batch), "--lr", str(r.finetune_lr),
+              "--warmup_steps", str(warmup_steps(prof.finetune_steps, r.finetune_warmup_divisor)),
+              "--layer_decay", str(r.finetune_layer_decay),
               "--workers", "1", "--save_every", "50", "--resume", "--seed", str(self.seed),
               "--eval_data", str(zs / "val"), "--eval_classnames", str(zs / "classnames.json"),
               "--eval_templates", str(zs / "templates.json")])
@@ -250,9 +253,9 @@ class Pipeline:
     def train_llava(self, tower: str, stage: int) -> None:
         from llava_uta.train.train import train
 
-        p, prof = self.paths, self.profile
+        p, prof, r = self.paths, self.profile, RECIPE
         common = ["--model_name_or_path", str(p.lm), "--vision_tower", str(p.tower(tower)),
-                  "--mm_projector_type", "mlp2x_gelu", "--image_folder", str(p.data),
+                  "--mm_projector_type", r.projector_type, "--image_folder", str(p.data),
                   "--output_dir", str(p.llava(tower, stage)), "--lr_scheduler_type", "cosine", "--logging_steps", "10",
                   "--save_strategy", "no", "--report_to", "none", "--seed", str(self.seed),
                   "--disable_tqdm", "False", "--log_level", "warning"]
@@ -260,13 +263,15 @@ class Pipeline:
             train([*common, "--version", "plain", "--tune_mm_mlp_adapter", "True",
                    "--data_path", str(p.data / "llava" / "pretrain.json"),
                    "--per_device_train_batch_size", str(prof.stage1_batch), "--max_steps", str(prof.stage1_steps),
-                   "--learning_rate", "2e-3", "--warmup_steps", str(max(prof.stage1_steps // 10, 1)),
-                   "--weight_decay", "0."])
+                   "--learning_rate", str(r.stage1_lr),
+                   "--warmup_steps", str(warmup_steps(prof.stage1_steps, r.stage1_warmup_divisor)),
+                   "--weight_decay", str(r.stage1_weight_decay)])
         else:
             train([*common, "--version", "v1", "--pretrain_mm_mlp_adapter",
                    str(p.llava(tower, 1) / "mm_projector.bin"), "--data_path", str(p.data / "llava" / "instruct.json"),
                    "--per_device_train_batch_size", str(prof.stage2_batch), "--max_steps", str(prof.stage2_steps),
-                   "--learning_rate", "1e-3", "--warmup_steps", str(max(prof.stage2_steps // 20, 1)),
+                   "--learning_rate", str(r.stage2_lr),
+                   "--warmup_steps", str(warmup_steps(prof.stage2_steps, r.stage2_warmup_divisor)),
                    "--group_by_modality_length", "True"])
 
     def bench(self, tower: str) -> None:
@@ -278,11 +283,10 @@ class Pipeline:
               "--image-folder", str(b / "images"), "--answers-file", str(self.paths.answers(tower)),
               "--model-id", f"llava-{tower}", "--max-new-tokens", str(self.profile.bench_max_new_tokens),
               "--batch-size", "8"])
-        partial = out.with_name(f".{out.name}.partial")
-        main(["review", "--question", str(b / "questions.jsonl"), "--context", str(b / "context.jsonl"),
-              "--answer-list", str(b / "answers_gpt4.jsonl"), str(self.paths.answers(tower)), "--output", str(partial),
-              "--judge", "shapes", "--ground-truth", str(b / "ground_truth.jsonl")])
-        partial.replace(out)
+        with atomic_file(out, ".partial") as partial:
+            main(["review", "--question", str(b / "questions.jsonl"), "--context", str(b / "context.jsonl"),
+                  "--answer-list", str(b / "answers_gpt4.jsonl"), str(self.paths.answers(tower)),
+                  "--output", str(partial), "--judge", "shapes", "--ground-truth", str(b / "ground_truth.jsonl")])
 
     def grounding(self, tower: str) -> None:
         from llava_uta.eval.llavabench.__main__ import main

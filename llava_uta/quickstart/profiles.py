@@ -1,8 +1,39 @@
-"""Budgets of the quickstart: how much data and how many steps each stage gets, per profile."""
+"""What the quickstart runs with: the recipe (model, masking, learning rates, warm-ups), the same for every profile,
+and per profile the budgets (how much data and how many steps each stage gets). Both are recorded in the runs
+folder's quickstart.json, which refuses a run with another recipe or other budgets."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The hyper-parameters of every stage; a warm-up is one step per `*_warmup_divisor` steps (`warmup_steps`)."""
+
+    student_model: str = "uta_tiny_p8_64"  # every student (UTA_VIT_CONFIGS)
+    mask_ratio: float = 0.5
+    student_lr: float = 1e-3
+    student_warmup_divisor: int = 5  # capped by the profile's student_warmup
+    student_crop_min_scale: float = 0.5
+    finetune_lr: float = 2e-4  # the paper card's (LAMB); 2e-3 also works at this scale, a little worse
+    finetune_warmup_divisor: int = 10
+    finetune_layer_decay: float = 0.75
+    projector_type: str = "mlp2x_gelu"
+    stage1_lr: float = 2e-3
+    stage1_warmup_divisor: int = 10
+    stage1_weight_decay: float = 0.0
+    stage2_lr: float = 1e-3
+    stage2_warmup_divisor: int = 20
+
+
+RECIPE = Recipe()
+
+
+def warmup_steps(steps: int, divisor: int, cap: int | None = None) -> int:
+    """One warm-up step per `divisor` training steps: at least 1, at most `cap`."""
+    warmup = max(steps // divisor, 1)
+    return warmup if cap is None else min(cap, warmup)
 
 
 @dataclass(frozen=True)

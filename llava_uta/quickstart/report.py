@@ -11,7 +11,8 @@ from llava_uta.eval.llavabench.grounding import format_table as grounding_table
 from llava_uta.eval.llavabench.jsonl import read_jsonl
 from llava_uta.eval.llavabench.summarize import comparison_table, plot, summarize_reviews
 from llava_uta.io_utils import save_figure_atomic, write_text_atomic
-from llava_uta.quickstart.pipeline import GRID, MASK_RATIO, STUDENTS, TOWERS, Layout
+from llava_uta.quickstart.pipeline import GRID, STUDENTS, TOWERS, Layout
+from llava_uta.quickstart.profiles import RECIPE
 from pretrain.masking import KeepIndexGenerator, render_masks
 
 
@@ -138,7 +139,7 @@ def write_report(paths: Layout, state: dict, profile_name: str) -> str:
     for kind in ("reversed_block", "block", "random"):
         out = paths.plots / f"masks-{kind}.png"
         if kind == "reversed_block" or paths.student(f"uta-{kind}").is_dir():
-            render_masks(KeepIndexGenerator(GRID, MASK_RATIO, kind, seed=0), out, samples=6, draws=1000)
+            render_masks(KeepIndexGenerator(GRID, RECIPE.mask_ratio, kind, seed=0), out, samples=6, draws=1000)
             masks.append(f"![{kind} masks](plots/{out.name})")
     sections += ["", "## Plots", "", "![loss curves](plots/losses.png)", "", *masks]
     if reviews:

@@ -2,9 +2,9 @@
 
     image = prepare(open_upload("upload.png"), "pad", fill=(122, 116, 104))
 
-Modes follow LLaVA's web UI (llava.md §6.2): "crop" keeps the centre square, "resize" squashes the image to a
-square, "pad" extends it to a square with a fill colour (LLaVA's expand2square). Very large results are then
-downscaled so that their longer side is at most MAX_SIDE, as LLaVA's server does.
+Modes follow LLaVA's web UI (docs/llava.md#web-demo-preprocessing): "crop" keeps the centre square, "resize"
+squashes the image to a square, "pad" extends it to a square with a fill colour (LLaVA's expand2square). Very large
+results are then downscaled so that their longer side is at most MAX_SIDE, as LLaVA's server does.
 """
 
 from __future__ import annotations

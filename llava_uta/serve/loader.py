@@ -1,15 +1,16 @@
-"""Load any LLaVA-UTA training output for generation (LLaVA's `load_pretrained_model`, llava.md §4.4).
+"""Load any LLaVA-UTA training output for generation, as LLaVA's `load_pretrained_model` does.
 
     loaded = load_pretrained_model("checkpoints/llava-uta")                          # stage 2 (or merged LoRA)
     loaded = load_pretrained_model("checkpoints/llava-uta-lora")                     # LoRA, base from config.json
     loaded = load_pretrained_model("checkpoints/llava-uta-pretrain", "vicuna-7b")    # stage-1 projector only
 
-The folder kind is read from its files, not its name: `adapter_config.json` marks a LoRA run (its base LLM and
-tower are rebuilt from config.json or `model_base`, then the adapter is merged), a `mm_projector` file without
-model weights marks a stage-1 run (base LLM + recorded tower + the trained projector), anything else is a
-`save_pretrained` Llava folder. The dtype follows the device: bf16 (or fp16) on CUDA, fp32 on the CPU, where fp16
-matmuls are not implemented (llava.md §8.7). Serving a stage-2 folder imports no training code; the LoRA and
-stage-1 cases reuse the training package's rebuild functions.
+The folder kind is read from its files, not from its name as in LLaVA (docs/llava.md#loading-a-training-output):
+`adapter_config.json` marks a LoRA run (its base LLM and tower are rebuilt from config.json or `model_base`, then
+the adapter is merged), a `mm_projector` file without model weights marks a stage-1 run (base LLM + recorded tower
++ the trained projector), anything else is a `save_pretrained` Llava folder. The dtype follows the device: bf16 (or
+fp16) on CUDA, fp32 on the CPU, where fp16 matmuls are not implemented (docs/llava.md#known-pitfalls). Serving
+imports no training code: the LoRA and stage-1 cases rebuild the base with the model layer's
+`llava_builder.rebuild_llava` (peft is imported for LoRA folders only).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, Llava
 
 import llava_uta.model  # noqa: F401  (registers the UTA tower with transformers' Auto classes)
 from llava_uta.conversation import conv_templates
-from llava_uta.data.llava_dataset import make_processor
-from llava_uta.model.llava_builder import load_lora_model
+from llava_uta.model.checkpoint import load_state_dict_file
+from llava_uta.model.llava_builder import load_lora_model, rebuild_llava, recorded_parts
+from llava_uta.model.processors import make_processor
+from llava_uta.model.projector import load_llava_projector
 
 DEFAULT_CONV_MODE = "v1"
 PROJECTOR_FILES = ("mm_projector.safetensors", "mm_projector.bin")
@@ -83,27 +86,17 @@ def _load_full(model_path: str, dtype: torch.dtype):
 
 
 def _load_lora(model_path: str, model_base: str | None, dtype: torch.dtype):
-
     model = load_lora_model(model_path, model_base).merge_and_unload().to(dtype)
     return model, AutoProcessor.from_pretrained(model_path)
 
 
 def _load_projector(model_path: str, model_base: str | None, dtype: torch.dtype, image_aspect_ratio: str):
-    from llava_uta.model.llava_builder import SELECT_FEATURES, build_llava
-    from llava_uta.model.projector import load_llava_projector, read_weights
-
     config = LlavaConfig.from_pretrained(model_path)
-    model_base = model_base or config.mm_language_model
-    tower = config.mm_vision_tower
-    if not model_base or not tower:
-        raise ValueError(f"{model_path}: config.json records no base LLM / tower; pass model_base")
+    model_base, tower = recorded_parts(config, model_base)
     tokenizer = AutoTokenizer.from_pretrained(model_base)
-    select_feature = {v: k for k, v in SELECT_FEATURES.items()}[config.vision_feature_select_strategy]
-    model = build_llava(
-        model_base, tower, tokenizer, config.mm_projector_type, config.vision_feature_layer, select_feature, dtype
-    )
+    model = rebuild_llava(config, tokenizer, model_base, tower, dtype)
     weights = next(Path(model_path, name) for name in PROJECTOR_FILES if Path(model_path, name).is_file())
-    load_llava_projector(model.model.multi_modal_projector, read_weights(weights), config.mm_projector_type)
+    load_llava_projector(model.model.multi_modal_projector, load_state_dict_file(weights), config.mm_projector_type)
     return model, make_processor(model, tokenizer, AutoImageProcessor.from_pretrained(tower), image_aspect_ratio)
 
 

@@ -113,14 +113,17 @@ def build_demo(bot: ImageChat, examples: list[list[str]]) -> gr.Blocks:
 
         settings = [mode, temperature, top_p, max_new_tokens]
         ask_inputs, ask_outputs = [image, message, session, *settings], [message, chat, session]
-        asks = [event(respond, ask_inputs, ask_outputs, api_visibility="private") for event in
-                (message.submit, send.click)]
-        redo_event = regenerate.click(redo, [session, *settings[1:]], [chat, session], api_visibility="private")
+        for event in (message.submit, send.click):
+            event(respond, ask_inputs, ask_outputs, api_visibility="private")
+        regenerate.click(redo, [session, *settings[1:]], [chat, session], api_visibility="private")
+
         def halt(state):
             if state is not None:
                 state.cancel()  # ends the generation; the partial answer stays in the conversation
 
-        stop.click(halt, [session], None, cancels=[*asks, redo_event], api_visibility="private")
+        # Stop only sets the cancel flag, outside the queue: the streaming event then ends by itself after saving
+        # the partial answer (Gradio's `cancels=` would close the generator first and could lose the turn).
+        stop.click(halt, [session], None, queue=False, api_visibility="private")
         for restart in (clear.click, image.change, mode.change):
             restart(lambda: ([], None), None, [chat, session], api_visibility="private")
 

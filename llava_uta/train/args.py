@@ -1,4 +1,7 @@
-"""LLaVA's training flags (llava.md §2.1) as dataclasses for HfArgumentParser, plus `--skip_bad_samples`."""
+"""LLaVA's training flags as dataclasses for HfArgumentParser, plus `--skip_bad_samples`.
+
+The names, defaults and meanings are LLaVA's (docs/llava.md#training-flags).
+"""
 
 from __future__ import annotations
 
@@ -50,5 +53,6 @@ class TrainingArguments(transformers.TrainingArguments):
         if self.bits != 16:
             raise ValueError(f"--bits {self.bits}: only 16-bit training is supported")
         if not torch.cuda.is_available():
-            self.use_cpu = True  # else DeepSpeed ranks on a CPU machine each train alone (env.md §2)
+            # else DeepSpeed ranks on a CPU machine each train alone (docs/environment.md#deepspeed-on-cpu)
+            self.use_cpu = True
         super().__post_init__()

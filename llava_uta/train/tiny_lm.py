@@ -7,8 +7,9 @@ The tokenizer is a byte-fallback BPE with `<image>` as a user-defined symbol (al
 `<unk>`, `<s>`, `</s>` at ids 0-3, its vocabulary fitted to the corpus: `--vocab_size` is an upper bound (a small
 corpus gives fewer pieces, with a printed note), raised when the corpus has more distinct characters than it
 allows. It is saved as a folder that `AutoTokenizer.from_pretrained` loads (checked against sentencepiece itself,
-env.md §6). The LM is then trained briefly (minutes on a CPU) on the corpus, plus the text of LLaVA conversations
-rendered with a chat template if `--chat_json` is given, so that it is not random.
+docs/environment.md#sentencepiece-tokenizers-in-transformers-5). The LM is then trained briefly (minutes on a CPU)
+on the corpus, plus the text of LLaVA conversations rendered with a chat template if `--chat_json` is given, so
+that it is not random.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 
 Stage 1 writes `mm_projector.bin` (LLaVA's key names) and `mm_projector.safetensors`; stage 2 a
 `save_pretrained` folder (model, tokenizer, image processor) that `LlavaForConditionalGeneration.from_pretrained`
-loads after `import llava_uta`; LoRA the adapter plus `non_lora_trainables.safetensors` (merge with
+loads after `import llava_uta.model`; LoRA the adapter plus `non_lora_trainables.safetensors` (merge with
 `llava-uta-merge-lora`). Training resumes from the newest `checkpoint-N` in the output folder.
 """
 
@@ -28,16 +28,12 @@ from transformers import (
     set_seed,
 )
 
-from llava_uta.data.llava_dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset, make_processor
-from llava_uta.distributed import end_process_group
+from llava_uta.data.llava_dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset
+from llava_uta.distributed import end_process_group, init_distributed
+from llava_uta.model.checkpoint import load_state_dict_file, save_state_dict_file
 from llava_uta.model.llava_builder import NON_LORA_FILE, build_llava
-from llava_uta.model.projector import (
-    load_llava_projector,
-    projector_to_llava,
-    read_weights,
-    trainable_projector_parameters,
-    write_weights,
-)
+from llava_uta.model.processors import make_processor
+from llava_uta.model.projector import load_llava_projector, projector_to_llava, trainable_projector_parameters
 from llava_uta.train.args import DataArguments, ModelArguments, TrainingArguments
 from llava_uta.train.trainer import LLaVATrainer, base_llava, projector_state
 
@@ -86,7 +82,7 @@ def prepare_model(model, model_args: ModelArguments, training_args: TrainingArgu
     projector_type = projector_type_of(model)
     if model_args.pretrain_mm_mlp_adapter:
         load_llava_projector(
-            model.model.multi_modal_projector, read_weights(model_args.pretrain_mm_mlp_adapter), projector_type
+            model.model.multi_modal_projector, load_state_dict_file(model_args.pretrain_mm_mlp_adapter), projector_type
         )
     model.requires_grad_(False)
     if training_args.lora_enable:
@@ -120,15 +116,15 @@ def save_outputs(
     if model_args.tune_mm_mlp_adapter:
         state = projector_to_llava(model.model.multi_modal_projector, projector_type_of(model))
         if trainer.is_world_process_zero():
-            write_weights(state, out / "mm_projector.bin")
-            write_weights(state, out / "mm_projector.safetensors")
+            save_state_dict_file(state, out / "mm_projector.bin")
+            save_state_dict_file(state, out / "mm_projector.safetensors")
             model.config.save_pretrained(out)
         return
     trainer.save_model(str(out))
     if training_args.lora_enable:
         state = projector_state(model)
         if trainer.is_world_process_zero():
-            write_weights(state, out / NON_LORA_FILE)
+            save_state_dict_file(state, out / NON_LORA_FILE)
             model.config.save_pretrained(out)
 
 
@@ -153,9 +149,7 @@ def build_trainer(
     """The model, its data and the trainer of a run (seeded with --seed), ready for `trainer.train()`."""
     set_seed(training_args.seed)
     if training_args.deepspeed:  # join DeepSpeed's process group before loading: ZeRO-3 partitions weights on load
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        init_distributed()
     model, tokenizer, tower_processor = load_model(model_args, training_args)
     model = prepare_model(model, model_args, training_args)
     processor = make_processor(model, tokenizer, tower_processor, data_args.image_aspect_ratio)

@@ -19,8 +19,9 @@ from peft import PeftModel
 from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
 
+from llava_uta.model.checkpoint import load_state_dict_file, save_state_dict_file
 from llava_uta.model.llava_builder import NON_LORA_FILE
-from llava_uta.model.projector import gathered, read_weights, write_weights
+from llava_uta.model.projector import gathered
 
 
 def base_llava(model):
@@ -44,7 +45,8 @@ class SaveProjectorCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         state_dict = projector_state(self.trainer.accelerator.unwrap_model(self.trainer.model))
         if state.is_world_process_zero:
-            write_weights(state_dict, os.path.join(args.output_dir, f"checkpoint-{state.global_step}", NON_LORA_FILE))
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            save_state_dict_file(state_dict, os.path.join(folder, NON_LORA_FILE))
 
 
 def modality_grouped_indices(lengths: list[int], megabatch: int, generator: torch.Generator) -> list[int]:
@@ -90,7 +92,7 @@ class LLaVATrainer(Trainer):
         if isinstance(model, PeftModel):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             if os.path.isfile(non_lora):
-                base_llava(model).load_state_dict(read_weights(non_lora), strict=False)
+                base_llava(model).load_state_dict(load_state_dict_file(non_lora), strict=False)
             return
         loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
         model.load_state_dict(loaded.state_dict(), strict=True)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +12,7 @@ from pathlib import Path
 from llava_uta.constants import DEFAULT_IMAGE_TOKEN
 from llava_uta.data.shapes import language as lang
 from llava_uta.data.shapes.scene import COLORS, SHAPES, largest_object, render, sample_scene, scene_key, shape_variants
+from llava_uta.io_utils import atomic_dir
 
 FORMAT_VERSION = 2
 BENCH_DIR = "eval/llava-bench-shapes"
@@ -326,11 +325,6 @@ def build(cfg: ShapesWorldConfig, out: Path, overwrite: bool = False, workers: i
             f"{out} already holds other data (no manifest.json with this config); "
             "pass --overwrite to replace it or choose another --out"
         )
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    counts = generate(cfg, tmp, workers)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        counts = generate(cfg, tmp, workers)
     return counts, False

@@ -1,0 +1,172 @@
+"""Per-patch linear probes on ShapesWorld: can a linear map read an object's colour, shape and size off the patch
+tokens a tower gives LLaVA?
+
+    llava-uta-patchprobe --data playground/data/shapes --out runs/shapes/probe/patch.json \\
+        --tower uta=runs/shapes/students/uta/student.safetensors \\
+        --tower teacher=openclip:local-dir:runs/shapes/teacher --random-init
+
+Patches are labelled from the scene graphs in DATA/scenes.jsonl (llava_uta/eval/probe/data.py): by default every
+patch whose centre lies inside an object carries that object's colour / shape / size and background patches are left
+out (`--patches centers`: only the patch at each object's centre; `--include-background`: background patches too,
+as one more class). Each tower (and with --random-init the same architecture with fresh seeded weights, the floor)
+encodes the images once; the patch tokens of --layer (default -2, the layer LLaVA feeds its projector) of the train
+images fit one linear probe per attribute (llava_uta/eval/probe/linear.py), scored on the held-out images. Train
+images come from --train-dir (default pretrain/train, a random --max-train-images of them), test images from
+--test-dir (default the held-out grounding and LLaVA-Bench images, whose scenes no training split contains).
+Chance per attribute: always answering the most frequent training class. Writes OUT (JSON) and a markdown table
+(OUT with .md, or --table), each atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from llava_uta.eval.probe.data import (
+    ATTRIBUTES,
+    PATCH_MODES,
+    ImageList,
+    PatchLabels,
+    ProbeDataError,
+    label_patches,
+    read_scenes,
+    scenes_under,
+)
+from llava_uta.eval.probe.features import (
+    Selector,
+    add_tower_arguments,
+    cache_key,
+    cached_features,
+    extract_features,
+    iter_towers,
+    probe_kwargs,
+    tower_record,
+    write_results,
+)
+from llava_uta.eval.probe.linear import fit_linear_probe, majority_chance
+from llava_uta.eval.probe.towers import FrozenTower
+
+DEFAULT_TRAIN_DIRS = ("pretrain/train",)
+DEFAULT_TEST_DIRS = ("eval/grounding/images", "eval/llava-bench-shapes/images")
+
+
+def select_scenes(scenes: list[dict], root: str, folders: list[str], limit: int, seed: int) -> list[dict]:
+    """The scenes under `folders`, then a seeded random `limit` of them (all if limit is 0), in file order."""
+    selected = [s for folder in folders for s in scenes_under(scenes, root, folder)]
+    if limit and len(selected) > limit:
+        keep = sorted(random.Random(seed).sample(range(len(selected)), limit))
+        selected = [selected[i] for i in keep]
+    return selected
+
+
+def patch_selector(labels: PatchLabels) -> Selector:
+    """A selector keeping, for each image of the batch, the patch tokens `labels` holds labels for."""
+    def select(prefix: Tensor, patches: Tensor, indices: Tensor) -> Tensor:
+        rows = [patches[b, labels.patches[int(i)]] for b, i in enumerate(indices)]
+        return torch.cat(rows) if rows else patches.new_zeros(0, patches.shape[-1])
+    return select
+
+
+def patch_features(tower: FrozenTower, root: str, scenes: list[dict], labels: PatchLabels, args: argparse.Namespace,
+                   split: str) -> Tensor:
+    """(labelled patches, D) tokens of `scenes` at --layer, in label order, extracted once (or read from the cache)."""
+    files = [str(Path(root) / s["image"]) for s in scenes]
+    key = cache_key(tower, args.seed, {"layer": args.layer, "patches": labels.patches, "files": files})
+    dataset = ImageList(files, tower.transform())
+    features = cached_features(args.cache_dir, key, lambda: extract_features(
+        tower, dataset, args.layer, patch_selector(labels), args.batch_size, args.workers, split))
+    if len(features) != labels.count:
+        raise RuntimeError(f"{tower.label}: {len(features)} patch features for {labels.count} labelled patches")
+    return features
+
+
+def markdown_table(result: dict) -> str:
+    """One row per tower (random-init twins last: the floor), accuracy in % per attribute, chance first."""
+    attrs = result["attributes"]
+    head = [f"Per-patch linear probes, layer {result['layer']}, patches: {result['patches']}"
+            + (" (+ background class)" if result["include_background"] else "") + ".", ""]
+    lines = head + ["| tower | " + " | ".join(attrs) + " |", "| --- |" + " ---: |" * len(attrs)]
+    for grid, chance in result["chance"].items():
+        cells = " | ".join(f"{100 * chance[a]:.1f}" for a in attrs)
+        lines.append(f"| chance (most frequent train class, {grid} patches) | {cells} |")
+    for t in result["towers"]:
+        lines.append(f"| {t['label']} | " + " | ".join(f"{100 * t['probes'][a]['top1']:.1f}" for a in attrs) + " |")
+    counts = {g: f"{n['train']} train / {n['test']} test patches" for g, n in result["patch_counts"].items()}
+    lines += ["", f"Train images: {result['n_train_images']} ({', '.join(result['train_dirs'])}); test images: "
+              f"{result['n_test_images']} ({', '.join(result['test_dirs'])}); "
+              + "; ".join(f"{g}: {c}" for g, c in counts.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="ShapesWorld root (with scenes.jsonl), from llava-uta-shapes")
+    parser.add_argument("--train-dir", action="append", help="image folder(s) under DATA to fit on (repeatable; "
+                        f"default {' '.join(DEFAULT_TRAIN_DIRS)})")
+    parser.add_argument("--test-dir", action="append", help="held-out image folder(s) under DATA to score on "
+                        f"(repeatable; default {' '.join(DEFAULT_TEST_DIRS)})")
+    parser.add_argument("--max-train-images", type=int, default=2000, help="random subset of the train images "
+                        "(0: all)")
+    parser.add_argument("--max-test-images", type=int, default=0, help="random subset of the test images (0: all)")
+    parser.add_argument("--patches", choices=PATCH_MODES, default="covered",
+                        help="covered: every patch whose centre is inside an object; centers: each object's centre "
+                        "patch only")
+    parser.add_argument("--include-background", action="store_true",
+                        help="also label background patches, as class 'background' of every attribute")
+    parser.add_argument("--attributes", nargs="+", choices=tuple(ATTRIBUTES), default=list(ATTRIBUTES))
+    parser.add_argument("--out", required=True, help="results JSON")
+    parser.add_argument("--table", help="markdown table (default: OUT with suffix .md)")
+    add_tower_arguments(parser, default_layer=-2)
+    args = parser.parse_args(argv)
+    train_dirs = args.train_dir or list(DEFAULT_TRAIN_DIRS)
+    test_dirs = args.test_dir or list(DEFAULT_TEST_DIRS)
+
+    scenes = read_scenes(args.data)
+    train_scenes = select_scenes(scenes, args.data, train_dirs, args.max_train_images, args.seed)
+    test_scenes = select_scenes(scenes, args.data, test_dirs, args.max_test_images, args.seed)
+    overlap = {s["image"] for s in train_scenes} & {s["image"] for s in test_scenes}
+    if overlap:
+        raise ProbeDataError(f"{len(overlap)} images are in both the train and test folders, e.g. {min(overlap)}")
+
+    result = {"command": "llava-uta-patchprobe", "data": args.data, "train_dirs": train_dirs, "test_dirs": test_dirs,
+              "n_train_images": len(train_scenes), "n_test_images": len(test_scenes), "layer": args.layer,
+              "patches": args.patches, "include_background": args.include_background, "attributes": args.attributes,
+              "seed": args.seed, "chance": {}, "patch_counts": {}, "classes": {}, "towers": []}
+    labels_by_grid: dict[int, tuple[PatchLabels, PatchLabels]] = {}
+    for tower in iter_towers(args.tower, args.random_init, args.seed, args.device):
+        grid = tower.grid_size
+        if grid not in labels_by_grid:
+            labels_by_grid[grid] = tuple(label_patches(s, grid, args.patches, args.include_background, args.attributes)
+                                         for s in (train_scenes, test_scenes))
+        train_labels, test_labels = labels_by_grid[grid]
+        if not train_labels.count or not test_labels.count:
+            raise ProbeDataError(f"{tower.label}: no labelled patches on its {grid}x{grid} grid "
+                                 f"({train_labels.count} train, {test_labels.count} test)")
+        grid_name = f"{grid}x{grid}"
+        result["patch_counts"][grid_name] = {"train": train_labels.count, "test": test_labels.count}
+        result["chance"][grid_name] = {a: majority_chance(train_labels.labels[a], test_labels.labels[a])
+                                       for a in args.attributes}
+        result["classes"] = {a: list(train_labels.classes[a]) for a in args.attributes}
+        start = time.perf_counter()
+        train_x = patch_features(tower, args.data, train_scenes, train_labels, args, "train")
+        test_x = patch_features(tower, args.data, test_scenes, test_labels, args, "test")
+        extracted = time.perf_counter()
+        probes = {}
+        for a in args.attributes:
+            probe = fit_linear_probe(train_x, torch.tensor(train_labels.labels[a]), test_x,
+                                     torch.tensor(test_labels.labels[a]), len(train_labels.classes[a]),
+                                     **probe_kwargs(args))
+            probes[a] = probe.to_dict()
+        result["towers"].append(tower_record(tower, extracted - start, time.perf_counter() - extracted,
+                                             grid=grid_name, feature_dim=train_x.shape[1], probes=probes))
+        print(f"{tower.label}: " + ", ".join(f"{a} {p['top1']:.3f}" for a, p in probes.items()), flush=True)
+    write_results(result, args.out, markdown_table(result), args.table)
+
+
+if __name__ == "__main__":
+    main()
