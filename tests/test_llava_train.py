@@ -68,6 +68,19 @@ def _args(parts, out: Path, stage: int, projector: str = "mlp2x_gelu", **extra) 
     return [f"--{k}={v}" for k, v in args.items()]
 
 
+def train_stage1_and_stage2(root: Path) -> dict[str, Path]:
+    """Tiny tokenizer, LM, tower and data under `root`, then stage 1 (1 step) and stage 2 (2 steps) on them."""
+    tok = make_tokenizer_dir(root / "tok")
+    make_dataset(root / "data", n=8)
+    make_dataset(root / "data", n=8, plain=True)
+    parts = {"root": root, "lm": make_lm_dir(root / "lm", tok), "tower": make_tower_dir(root / "tower"),
+             "data": root / "data"}
+    train(_args(parts, root / "stage1", stage=1, max_steps=1))
+    train(_args(parts, root / "stage2", stage=2, pretrain_mm_mlp_adapter=root / "stage1" / "mm_projector.bin",
+                max_steps=2))
+    return {**parts, "stage1": root / "stage1", "stage2": root / "stage2"}
+
+
 def _reference(parts, projector: str) -> LlavaForConditionalGeneration:
     """The model a run starts from: same build, same seed."""
     set_seed(42)

@@ -16,15 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from llava_helpers import make_dataset, make_lm_dir, make_tokenizer_dir, make_tower_dir
 from PIL import Image
-from test_llava_train import _args
+from test_llava_train import train_stage1_and_stage2
 
 from llava_uta.data.shapes.writer import ShapesWorldConfig, build
 from llava_uta.eval.llavabench.__main__ import main as bench_main
 from llava_uta.eval.llavabench.grounding import KINDS, score
 from llava_uta.eval.llavabench.jsonl import read_jsonl
-from llava_uta.train.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_LMMS = importlib.util.find_spec("lmms_eval") is not None
@@ -59,14 +57,7 @@ def world(tmp_path_factory) -> Path:
 def model_dir(tmp_path_factory) -> Path:
     """A stage-2 folder after a few training steps (as tests/test_serve.py trains one)."""
     root = tmp_path_factory.mktemp("lmms_model")
-    tok = make_tokenizer_dir(root / "tok")
-    make_dataset(root / "data", n=8)
-    make_dataset(root / "data", n=8, plain=True)
-    parts = {"root": root, "lm": make_lm_dir(root / "lm", tok), "tower": make_tower_dir(root / "tower"),
-             "data": root / "data"}
-    train(_args(parts, root / "stage1", stage=1, max_steps=1))
-    train(_args(parts, root / "stage2", stage=2, pretrain_mm_mlp_adapter=root / "stage1" / "mm_projector.bin",
-                max_steps=2))
+    train_stage1_and_stage2(root)
     return root / "stage2"
 
 

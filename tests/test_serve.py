@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from llava_helpers import make_dataset, make_lm_dir, make_tokenizer_dir, make_tower_dir, solid_image
+from llava_helpers import solid_image
 from PIL import Image
-from test_llava_train import _args
+from test_llava_train import _args, train_stage1_and_stage2
 
 from llava_uta.conversation import generation_prompt
 from llava_uta.serve.chat import ChatSession, final_text, safe_prefix
@@ -25,18 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 def folders(tmp_path_factory) -> dict[str, Path]:
     """A stage-1, a stage-2 and a LoRA output of a few training steps each, and a test image."""
     root = tmp_path_factory.mktemp("serve")
-    tok = make_tokenizer_dir(root / "tok")
-    make_dataset(root / "data", n=8)
-    make_dataset(root / "data", n=8, plain=True)
-    parts = {"root": root, "lm": make_lm_dir(root / "lm", tok), "tower": make_tower_dir(root / "tower"),
-             "data": root / "data"}
-    train(_args(parts, root / "stage1", stage=1, max_steps=1))
+    parts = train_stage1_and_stage2(root)
     adapter = {"pretrain_mm_mlp_adapter": root / "stage1" / "mm_projector.bin", "max_steps": 2}
-    train(_args(parts, root / "stage2", stage=2, **adapter))
     train(_args(parts, root / "lora", stage=2, lora_enable=True, lora_r=4, lora_alpha=8, **adapter))
     solid_image(root / "red.png", "red")
-    return {**parts, "stage1": root / "stage1", "stage2": root / "stage2", "lora": root / "lora",
-            "image": root / "red.png"}
+    return {**parts, "lora": root / "lora", "image": root / "red.png"}
 
 
 @pytest.fixture(scope="module")
