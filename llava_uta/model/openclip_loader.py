@@ -48,8 +48,11 @@ def openclip_model_config(name: str) -> dict:
     return open_clip.get_model_config(name)
 
 
-def create_openclip(name: str, weights: str | os.PathLike | None = None) -> nn.Module:
-    """An open_clip model: NAME [+ a local weights file, open_clip or EVA-CLIP layout] or local-dir:PATH."""
+def create_openclip(name: str, weights: str | os.PathLike | None = None, load_weights: bool = True) -> nn.Module:
+    """An open_clip model: NAME [+ a local weights file, open_clip or EVA-CLIP layout] or local-dir:PATH.
+
+    `load_weights=False` builds the architecture only (a local-dir folder's weights are not read): random weights.
+    """
     name = name.removeprefix("openclip:")
     cfg = openclip_model_config(name)
     if "hf_model_name" in cfg.get("text_cfg", {}):
@@ -62,8 +65,9 @@ def create_openclip(name: str, weights: str | os.PathLike | None = None) -> nn.M
     if weights is not None and not os.path.isfile(weights):
         raise FileNotFoundError(f"open_clip weights {weights}: no such file (weights are only read from local files; "
                                 f"pretrained tags would be downloaded)")
-    model = open_clip.create_model(name)  # local-dir: config and weights from the folder; a name: random weights
-    if weights is not None:
+    # local-dir: config and weights from the folder; a name: random weights
+    model = open_clip.create_model(name, load_weights=load_weights)
+    if weights is not None and load_weights:
         load_openclip_weights(model, weights)
     return model
 

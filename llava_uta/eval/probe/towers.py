@@ -230,8 +230,7 @@ def load_openclip_tower(spec: TowerSpec, seed: int = 0) -> OpenCLIPTower:
     """An open_clip model's visual tower (weights from its folder or file), or its architecture at random init."""
     name = spec.target
     if spec.random_init:
-        openclip_model_config(name)  # refuses Hub names and missing folders with a clear message
-        model = _seeded(seed, lambda: open_clip.create_model(name, load_weights=False))
+        model = _seeded(seed, lambda: create_openclip(name, load_weights=False))
     else:
         model = create_openclip(name, spec.weights)
     visual = model.visual
