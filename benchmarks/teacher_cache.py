@@ -14,7 +14,12 @@ median over the steps after the first (worker start-up); runs alternate, `--repe
 
 The one-off build is the cached run's setup time (`--teacher_cache` builds the cache in `Pretrainer.__init__`)
 minus the on-the-fly run's setup time. Break-even = build seconds / seconds saved per step. The disk a cache
-would need at real scale is printed analytically: (1 + N) x E fp16 values per image per view.
+would need at real scale is printed analytically: (1 + N) x E values per image per view, 2 bytes each in fp16,
+1 byte (+ a 4-byte scale per token) in fp8.
+
+The fp8 cache (`--cache_encoding fp8`) is run too, and its targets are compared with the fp16 cache's, token by
+token: cosine, relative error, and the largest change it can make to a token's UTA loss (1 - cos(prediction,
+target)) for any prediction, which is |t/|t| - t'/|t'|| = sqrt(2 - 2 cos(t, t')).
 """
 
 from __future__ import annotations
@@ -60,18 +65,32 @@ def run(args: PretrainArguments) -> tuple[float, dict]:
                    "images": len(trainer.dataset)}
 
 
+def fp8_error(fp16: TeacherCache, fp8: TeacherCache, images: int) -> dict[str, float]:
+    """Token-level differences between the two caches' targets over `images` images of view 0."""
+    exact = torch.stack([fp16.get(0, i).float() for i in range(images)]).flatten(0, 1)
+    coded = torch.stack([fp8.get(0, i) for i in range(images)]).flatten(0, 1)
+    cosine = torch.nn.functional.cosine_similarity(exact, coded, dim=-1)
+    relative = (coded - exact).norm(dim=-1) / exact.norm(dim=-1)
+    loss_bound = (2 - 2 * cosine).clamp_min(0).sqrt()
+    return {"tokens": len(cosine), "min cosine": cosine.min().item(), "mean relative error": relative.mean().item(),
+            "max relative error": relative.max().item(), "mean loss bound": loss_bound.mean().item(),
+            "max loss bound": loss_bound.max().item()}
+
+
 def real_scale_table(views: int) -> None:
     embed_dim = open_clip.get_model_config(REAL_TEACHER)["embed_dim"]
     image_size = open_clip.get_model_config(REAL_TEACHER)["vision_cfg"]["image_size"]
     tokens = 1 + (image_size // REAL_PATCH) ** 2
-    per_image = tokens * embed_dim * 2
+    per_image = {"fp16": tokens * embed_dim * 2, "fp8": tokens * (embed_dim + 4)}
     print(f"At real scale, {REAL_TEACHER} (E = {embed_dim}, 1 + N = {tokens} tokens at {image_size} px / patch "
-          f"{REAL_PATCH}): (1 + N) x E x 2 B = {per_image:,} B = {per_image / 2**10:.0f} KiB per image per view")
-    print(f"| dataset | images | 1 view | {views} views |")
-    print("| --- | --- | --- | --- |")
+          f"{REAL_PATCH}): (1 + N) x E x 2 B = {per_image['fp16']:,} B = {per_image['fp16'] / 2**10:.0f} KiB per "
+          f"image per view in fp16, (1 + N) x (E + 4) B = {per_image['fp8'] / 2**10:.0f} KiB in fp8")
+    print(f"| dataset | images | 1 view fp16 | 1 view fp8 | {views} views fp16 | {views} views fp8 |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for name, images in REAL_DATASETS.items():
-        terabytes = images * per_image / 1e12
-        print(f"| {name} | {images:,} | {terabytes:.2f} TB | {views * terabytes:.2f} TB |")
+        tb = {k: images * v / 1e12 for k, v in per_image.items()}
+        print(f"| {name} | {images:,} | {tb['fp16']:.2f} TB | {tb['fp8']:.2f} TB | {views * tb['fp16']:.2f} TB | "
+              f"{views * tb['fp8']:.2f} TB |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,18 +120,21 @@ def main(argv: list[str] | None = None) -> None:
                       image_size=image_size, mask_ratio=args.mask_ratio, max_steps=args.num_steps,
                       batch_size=args.batch_size, micro_batch_size=args.batch_size, warmup_steps=1,
                       workers=args.workers, save_every=10**9, keep_last=1, log_every=1)
-        cache = root / "cache"
-        results: dict[str, list[dict]] = {"on the fly": [], "cached": []}
+        caches = {"fp16": root / "cache", "fp8": root / "cache-fp8"}
+        results: dict[str, list[dict]] = {"on the fly": [], "cached": [], "cached fp8": []}
         for repeat in range(args.repeats):
             fly_setup, fly = run(PretrainArguments(output_dir=str(root / f"fly-{repeat}"), **common))
-            cached_setup, cached = run(PretrainArguments(output_dir=str(root / f"cached-{repeat}"),
-                                                         teacher_cache=str(cache), cache_views=args.cache_views,
-                                                         **common))
-            if repeat == 0:  # later cached runs reuse the complete cache
-                build = cached_setup - fly_setup
             results["on the fly"].append(fly)
-            results["cached"].append(cached)
-        disk = TeacherCache(cache).disk_bytes()
+            for encoding, cache in caches.items():
+                cached_setup, cached = run(PretrainArguments(
+                    output_dir=str(root / f"cached-{encoding}-{repeat}"), teacher_cache=str(cache),
+                    cache_views=args.cache_views, cache_encoding=encoding, **common))
+                if repeat == 0 and encoding == "fp16":  # later cached runs reuse the complete cache
+                    build = cached_setup - fly_setup
+                results["cached" if encoding == "fp16" else "cached fp8"].append(cached)
+        readers = {encoding: TeacherCache(cache, encoding=encoding) for encoding, cache in caches.items()}
+        disk = {encoding: reader.disk_bytes() for encoding, reader in readers.items()}
+        error = fp8_error(readers["fp16"], readers["fp8"], min(256, fly["images"]))
 
     images, steps_per_epoch = fly["images"], fly["steps per epoch"]
     medians = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
@@ -126,10 +148,14 @@ def main(argv: list[str] | None = None) -> None:
     for name, m in medians.items():
         print(f"| {name} | {m['s/step']:.3f} | {args.batch_size / m['s/step']:.1f} | {m['teacher share']:.1%} |")
     fly_s, cached_s = medians["on the fly"]["s/step"], medians["cached"]["s/step"]
-    per_image = disk / (images * args.cache_views)
+    per_image = {encoding: size / (images * args.cache_views) for encoding, size in disk.items()}
     analytic = (1 + grid[0] * grid[1]) * embed_dim * 2
-    print(f"cache build: {build:.1f} s for {images} images x {args.cache_views} view(s); disk {disk:,} B = "
-          f"{per_image:,.0f} B per image per view ((1 + N) x E x 2 = {analytic:,} B)")
+    print(f"cache build: {build:.1f} s for {images} images x {args.cache_views} view(s); disk {disk['fp16']:,} B = "
+          f"{per_image['fp16']:,.0f} B per image per view ((1 + N) x E x 2 = {analytic:,} B); fp8: "
+          f"{disk['fp8']:,} B = {per_image['fp8']:,.0f} B ({disk['fp8'] / disk['fp16']:.2f}x)")
+    print(f"fp8 vs fp16 targets over {error['tokens']} tokens: min cosine {error['min cosine']:.5f}, relative error "
+          f"mean {error['mean relative error']:.4f} / max {error['max relative error']:.4f}; largest change of a "
+          f"token's UTA loss: mean {error['mean loss bound']:.4f}, max {error['max loss bound']:.4f}")
     saved = fly_s - cached_s
     if saved > 0:
         print(f"cached step is {fly_s / cached_s:.2f}x faster; the build pays off after {build / saved:.0f} steps "

@@ -7,11 +7,14 @@ workers or ranks, and a resumed run continues exactly where the interrupted one 
 
 from __future__ import annotations
 
+import contextlib
 import io
+import random
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
@@ -118,10 +121,28 @@ def mask_seed(seed: int, epoch: int, index: int, m: int = 0) -> int:
     return sample_seed(seed, epoch, index) + (m << 64)
 
 
+@contextlib.contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """torch's, Python's and numpy's global RNGs seeded by `seed` for the block, then restored as they were.
+
+    torchvision's transforms draw from torch's RNG; timm's from Python's (crops, magnitudes) and numpy's (RandAugment's
+    op choice, Mixup).
+    """
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
 def seeded_view(transform, image: Image.Image, seed: int) -> torch.Tensor:
-    """`transform(image)` with the global RNG seeded by `seed` for the call and left as it was after it."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    """`transform(image)` with the global RNGs seeded by `seed` for the call (`seeded_rngs`)."""
+    with seeded_rngs(seed):
         return transform(image)
 
 

@@ -97,6 +97,8 @@ class PretrainArguments(RunArguments):
     teacher_cache: str | None = field(default=None, metadata={"help": "folder of precomputed teacher targets "
                                       "(built on first use); implies a fixed-view schedule"})
     cache_views: int = field(default=1, metadata={"help": "fixed views per image with --teacher_cache"})
+    cache_encoding: str = field(default="fp16", metadata={"help": "teacher cache values: fp16, or fp8 (e4m3, "
+                                                                   "scaled per token: half the disk)"})
 
     def __post_init__(self) -> None:
         if self.masking is None:
@@ -168,7 +170,7 @@ class Pretrainer:
     def _teacher_cache(self) -> TeacherCache:
         """The cache of this teacher's targets for every (fixed view, image), built now if incomplete."""
         args = self.args
-        cache = TeacherCache(args.teacher_cache)
+        cache = TeacherCache(args.teacher_cache, encoding=args.cache_encoding)
         description = cache.describe(
             teacher=args.teacher, teacher_pretrained=args.teacher_pretrained, precision=args.teacher_precision,
             data_path=str(Path(args.data_path).resolve()), num_images=len(self.dataset), views=args.cache_views,

@@ -38,3 +38,17 @@ def test_blind_tower_gives_the_same_tokens_for_every_image(towers):
 def test_blind_needs_exactly_one_source(tmp_path):
     with pytest.raises(SystemExit):
         convert_main(["--blind", str(tmp_path / "a"), "--from-open-clip", "ViT-B-16", str(tmp_path / "b")])
+
+
+def test_random_init_tower_is_the_probes_random_twin(tmp_path):
+    """`llava-uta-convert --random-init CONFIG --seed S`: the architecture at the probes' seeded initialisation."""
+    from llava_uta.eval.probe.towers import load_tower, parse_tower
+
+    save_uta_vit(build_uta_vit("uta_test_p8_32"), tmp_path / "student.safetensors")
+    convert_main(["--random-init", "uta_test_p8_32", "--seed", "3", str(tmp_path / "random")])
+    tower = AutoModel.from_pretrained(tmp_path / "random").eval()
+    twin = load_tower(parse_tower(str(tmp_path / "student.safetensors")).twin(), seed=3)
+    for key, value in twin.module.state_dict().items():
+        assert torch.equal(value, tower.state_dict()[f"vit.{key}"]), key
+    with pytest.raises(SystemExit):
+        convert_main(["--random-init", "vit_base_patch16_224", str(tmp_path / "other")])

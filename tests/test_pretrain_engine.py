@@ -20,6 +20,7 @@ from llava_uta.model.uta_vit import build_uta_vit
 from pretrain.engine import PretrainArguments, Pretrainer
 from pretrain.loop import load_rng_state, save_rng_state
 from pretrain.objectives import cosine_alignment, gather_patches, masked_indices, objective_loss
+from pretrain.teacher_cache import decode_targets, encode_targets
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -285,3 +286,29 @@ def test_teacher_cache_replaces_the_teacher_for_fixed_views(world, teacher_dir, 
     assert shards[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
     with pytest.raises(ValueError, match="caches other targets"):
         Pretrainer(engine_args(world, teacher_dir, tmp_path / "other", teacher_cache=str(cache), cache_views=3))
+
+
+def test_fp8_cache_stays_within_its_stated_error_of_the_targets():
+    """e4m3 with a per-token scale: every value within 2^-4 of itself (plus the subnormal step), cosine > 0.999."""
+    targets = torch.randn(6, 17, 64) * torch.logspace(-2, 1, 64)  # channels over three decades
+    stored = encode_targets(targets, "fp8")
+    assert stored["targets"].dtype == torch.float8_e4m3fn and stored["scales"].shape == (6, 17, 1)
+    decoded = decode_targets(stored["targets"], stored["scales"])
+    bound = 2**-4 * targets.abs() + 2**-9 * stored["scales"]
+    assert ((decoded - targets).abs() <= bound).all()
+    assert torch.nn.functional.cosine_similarity(decoded, targets, dim=-1).min() > 0.999
+    assert torch.equal(decode_targets(**encode_targets(targets, "fp16")), targets.half())
+    with pytest.raises(ValueError, match="encoding"):
+        encode_targets(targets, "int4")
+
+
+def test_fp8_teacher_cache_trains_like_the_fp16_one(world, teacher_dir, tmp_path):
+    runs = {e: Pretrainer(engine_args(world, teacher_dir, tmp_path / e, teacher_cache=str(tmp_path / f"c-{e}"),
+                                      cache_encoding=e, drop_path=0.0)) for e in ("fp16", "fp8")}
+    fp16, fp8 = (runs[e].dataset.targets for e in ("fp16", "fp8"))
+    a, b = fp16.get(0, 5).float(), fp8.get(0, 5)
+    assert b.dtype == torch.float32 and torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.999
+    sizes = {e: sum(p.stat().st_size for p in (tmp_path / f"c-{e}").glob("view*.safetensors")) for e in runs}
+    assert sizes["fp8"] < 0.6 * sizes["fp16"]
+    losses = {e: runs[e].train()["final_loss"] for e in runs}
+    assert losses["fp8"] == pytest.approx(losses["fp16"], abs=2e-3)

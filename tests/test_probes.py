@@ -13,16 +13,10 @@ import torch
 from PIL import Image
 from transformers import AutoModel
 
+from llava_uta.data.image_folder import ImageDataError, checked_image_folder, limit_per_class
 from llava_uta.data.shapes import ShapesWorldConfig, build
 from llava_uta.data.shapes.scene import COLORS, render, sample_scene
-from llava_uta.eval.probe.data import (
-    BACKGROUND,
-    ProbeDataError,
-    checked_image_folder,
-    label_patches,
-    limit_per_class,
-    patch_labels,
-)
+from llava_uta.eval.probe.data import BACKGROUND, ProbeDataError, label_patches, patch_labels
 from llava_uta.eval.probe.linear import fit_linear_probe, majority_chance
 from llava_uta.eval.probe.linprobe import main as linprobe_main
 from llava_uta.eval.probe.patchprobe import main as patchprobe_main
@@ -303,18 +297,18 @@ def test_linprobe_names_an_empty_class_folder_and_an_unreadable_image(colour_fol
     (root / "train" / "purple").mkdir()
     args = ["--train", str(root / "train"), "--val", str(root / "val"), "--tower", str(student),
             "--out", str(tmp_path / "lin.json"), *COMMON]
-    with pytest.raises(ProbeDataError, match=r"no images: .*train/purple"):
+    with pytest.raises(ImageDataError, match=r"no images: .*train/purple"):
         linprobe_main(args)
     (root / "train" / "purple").rmdir()
     (root / "val" / "green" / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(ProbeDataError, match=r"val/green/broken.png: unreadable image"):
+    with pytest.raises(ImageDataError, match=r"val/green/broken.png: unreadable image"):
         linprobe_main(args)
     (root / "val" / "green" / "broken.png").unlink()
     (root / "val" / "cyan").mkdir()
     Image.new("RGB", (32, 32), COLORS["cyan"]).save(root / "val" / "cyan" / "0.png")
-    with pytest.raises(ProbeDataError, match="not in the train split: cyan"):
+    with pytest.raises(ImageDataError, match="not in the train split: cyan"):
         linprobe_main(args)
-    with pytest.raises(ProbeDataError, match="no such image folder"):
+    with pytest.raises(ImageDataError, match="no such image folder"):
         checked_image_folder(tmp_path / "missing")
 
 

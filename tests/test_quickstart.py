@@ -14,7 +14,7 @@ from transformers import AutoModel
 
 import llava_uta.model  # noqa: F401  (registers the UTA tower with AutoModel)
 from llava_uta.eval.llavabench.jsonl import read_jsonl
-from llava_uta.quickstart.pipeline import EQUAL_WALL_CLOCK, STUDENTS, TOWERS, Layout, RunState
+from llava_uta.quickstart.pipeline import EQUAL_WALL_CLOCK, PROBED, STUDENTS, TOWERS, Layout, RunState
 from llava_uta.quickstart.profiles import PROFILES, get_profile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,3 +132,19 @@ def test_blind_baseline_is_scored_like_every_tower(run):
     with torch.no_grad():
         tokens = blind(images, output_hidden_states=True).hidden_states[-2]
     torch.testing.assert_close(tokens[0], tokens[1])
+
+
+def test_probes_and_classification_set_each_tower_against_its_random_init_floor(run):
+    paths, _ = run
+    text = paths.results.read_text()
+    for kind in ("patch", "linear"):
+        labels = {t["label"] for t in json.loads(paths.probe(kind).read_text())["towers"]}
+        assert labels == {"teacher", *PROBED, "random init (teacher)", "random init (uta)"}  # students share a twin
+        assert paths.probe(kind).with_suffix(".md").read_text().strip() in text
+    top1 = {}
+    for init, title in (("uta", "UTA student"), ("random", "random init (same architecture)")):
+        summary = json.loads((paths.classifier(init) / "summary.json").read_text())
+        assert summary["steps"] == PROFILES["fast"].classify_steps and summary["num_classes"] == 48
+        assert f"| {title} | {summary['steps']} |" in text
+        top1[init] = summary["val"]["top1"]
+    assert top1["uta"] > top1["random"] + 0.05  # fine-tuning the UTA student beats its random-init twin

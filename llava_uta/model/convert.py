@@ -7,6 +7,7 @@
         --text-model local-dir:runs/teacher                                 # the released key layout
     llava-uta-convert --from-open-clip local-dir:runs/teacher towers/teacher   # an open_clip ViT CLIP, for comparison
     llava-uta-convert --blind towers/uta-student towers/blind     # the blind baseline: patch embedding zeroed
+    llava-uta-convert --random-init uta_tiny_p8_64 towers/random  # the untrained floor: a config's seeded init
 
 The folder loads with `AutoModel.from_pretrained` / `AutoImageProcessor.from_pretrained` once `llava_uta.model` is
 imported, and serves as the vision tower of a Llava model. `--image-size` resamples the absolute position embedding
@@ -19,6 +20,8 @@ import argparse
 import os
 from pathlib import Path
 
+import torch
+
 from llava_uta.model.blind_tower import blind_tower
 from llava_uta.model.checkpoint import load_uta_vit, save_state_dict_file, student_config_path
 from llava_uta.model.hf_vision import UTAVisionModel
@@ -26,7 +29,7 @@ from llava_uta.model.official import export_official, load_official_visual
 from llava_uta.model.openclip_loader import create_openclip
 from llava_uta.model.openclip_tower import convert_open_clip
 from llava_uta.model.processors import clip_image_processor
-from llava_uta.model.uta_vit import UTAViT
+from llava_uta.model.uta_vit import UTA_VIT_CONFIGS, UTAViT, build_uta_vit
 
 
 def load_any_uta_vit(path: str | os.PathLike, kind: str = "auto", image_size: int | None = None) -> UTAViT:
@@ -36,14 +39,27 @@ def load_any_uta_vit(path: str | os.PathLike, kind: str = "auto", image_size: in
     return load_uta_vit(path, image_size) if kind == "student" else load_official_visual(path, image_size)
 
 
-def convert(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, kind: str = "auto",
-            image_size: int | None = None) -> Path:
-    """Write the tower folder (model + CLIPImageProcessor at the tower's input size)."""
+def save_tower(vit: UTAViT, out_dir: str | os.PathLike) -> Path:
+    """Write the tower folder of a UTAViT (model + CLIPImageProcessor at its input size)."""
     out_dir = Path(out_dir)
-    vit = load_any_uta_vit(checkpoint, kind, image_size)
     UTAVisionModel.from_vit(vit).save_pretrained(out_dir)
     clip_image_processor(vit.cfg.img_size).save_pretrained(out_dir)
     return out_dir
+
+
+def convert(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, kind: str = "auto",
+            image_size: int | None = None) -> Path:
+    """Write the tower folder of a student or released checkpoint."""
+    return save_tower(load_any_uta_vit(checkpoint, kind, image_size), out_dir)
+
+
+def convert_random_init(name: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write the tower folder of config `name` at its initialisation under torch.manual_seed(seed): the same weights
+    as the probes' random-init twin of that architecture (`llava-uta-linprobe --random-init --seed`)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vit = build_uta_vit(name)
+    return save_tower(vit, out_dir)
 
 
 def export_to_official(checkpoint: str | os.PathLike, out_file: str | os.PathLike, text_model: str | None = None,
@@ -67,6 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--blind", metavar="TOWER_DIR",
                         help="copy this tower folder with its patch embedding zeroed: every image gives the same "
                         "tokens (the blind baseline for LLaVA)")
+    parser.add_argument("--random-init", metavar="CONFIG",
+                        help="write a tower of this UTA ViT config (e.g. uta_tiny_p8_64) with fresh weights seeded "
+                        "by --seed: the untrained floor for LLaVA")
+    parser.add_argument("--seed", type=int, default=0, help="with --random-init")
     parser.add_argument("--kind", choices=("auto", "official", "student"), default="auto")
     parser.add_argument("--to", choices=("hf", "official"), default="hf",
                         help="a transformers vision-tower folder, or the released UTA key layout")
@@ -76,14 +96,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="input size of the written model, e.g. 336 for a 224 px student (position embedding "
                         "resampled, RoPE rebuilt for the new grid); default: the checkpoint's own")
     args = parser.parse_args(argv)
-    if sum(x is not None for x in (args.checkpoint, args.from_open_clip, args.blind)) != 1:
-        parser.error("give one of: a UTA checkpoint, --from-open-clip NAME, --blind TOWER_DIR")
+    if sum(x is not None for x in (args.checkpoint, args.from_open_clip, args.blind, args.random_init)) != 1:
+        parser.error("give one of: a UTA checkpoint, --from-open-clip NAME, --blind TOWER_DIR, --random-init CONFIG")
+    if args.random_init and args.random_init not in UTA_VIT_CONFIGS:
+        parser.error(f"--random-init {args.random_init!r}: not a UTA ViT config; choose one of "
+                     f"{', '.join(UTA_VIT_CONFIGS)}")
     if args.open_clip_pretrained and not args.from_open_clip:
         parser.error("--open-clip-pretrained needs --from-open-clip NAME")
     if args.image_size is not None and args.checkpoint is None:
         parser.error("--image-size applies to a UTA checkpoint (student or released), not to another tower")
     if args.blind:
         out = blind_tower(args.blind, args.out)
+    elif args.random_init:
+        out = convert_random_init(args.random_init, args.out, args.seed)
     elif args.from_open_clip:
         if args.to != "hf":
             parser.error("--from-open-clip writes a transformers tower folder only (--to hf)")

@@ -32,8 +32,11 @@ STUDENTS = {
     "uta-random": (["--masking", "random"], "UTA, random masking"),
 }
 EQUAL_WALL_CLOCK = ("mim", "fd", "cls")
-# LLaVA's vision towers. "blind" is the UTA tower with its patch embedding zeroed: the same recipe, no image.
-TOWERS = {"uta": "UTA student", "teacher": "teacher CLIP", "blind": "blind (image withheld)"}
+# LLaVA's vision towers. "blind" is the UTA tower with its patch embedding zeroed: the same recipe, no image;
+# "random" the student's architecture at its seeded initialisation (the probes' random-init twin): no pre-training.
+TOWERS = {"uta": "UTA student", "teacher": "teacher CLIP", "blind": "blind (image withheld)",
+          "random": "random-init UTA ViT"}
+PROBED = ("uta", "mim", "fd", "cls")  # students whose frozen features the probes read, beside the teacher's
 
 
 @dataclass
@@ -63,6 +66,12 @@ class Layout:
 
     def finetuned(self, name: str) -> Path:
         return self.runs / "finetune" / name
+
+    def classifier(self, init: str) -> Path:
+        return self.runs / "classify" / init
+
+    def probe(self, kind: str) -> Path:
+        return self.runs / "probe" / f"{kind}.json"
 
     def tower(self, name: str) -> Path:
         return self.runs / "towers" / name
@@ -147,10 +156,21 @@ class Pipeline:
                        *self.llava_stages("blind"),
                        Stage("tower-teacher", "teacher CLIP -> LLaVA tower (llava-uta-convert --from-open-clip)",
                              p.tower("teacher") / "config.json", self.convert_teacher),
-                       *self.llava_stages("teacher")]
+                       *self.llava_stages("teacher"),
+                       Stage("tower-random", "random-init tower: the student's architecture, untrained "
+                             "(llava-uta-convert --random-init)", p.tower("random") / "config.json",
+                             self.convert_random),
+                       *self.llava_stages("random")]
             stages += [Stage("finetune-uta", "UTA student + teacher text, contrastive fine-tuning (uta-finetune-clip)",
                              p.finetuned("uta") / "summary.json", self.finetune_student)]
             stages += [self.student_stage(name) for name in STUDENTS if name != "uta"]
+            stages += [Stage(f"classify-{init}", f"classification fine-tuning from {title} (llava-uta-finetune-cls)",
+                             p.classifier(init) / "summary.json", lambda init=init: self.classify(init))
+                       for init, title in (("uta", "the UTA student"), ("random", "random init"))]
+            stages += [Stage("probe-patch", "per-patch probes of the frozen towers (llava-uta-patchprobe)",
+                             p.probe("patch"), self.probe_patches),
+                       Stage("probe-linear", "linear probes of the frozen towers (llava-uta-linprobe)",
+                             p.probe("linear"), self.probe_images)]
         return stages
 
     # ---- ShapesWorld, teacher, language model
@@ -212,6 +232,47 @@ class Pipeline:
               "--eval_data", str(zs / "val"), "--eval_classnames", str(zs / "classnames.json"),
               "--eval_templates", str(zs / "templates.json")])
 
+    def classify(self, init: str) -> None:
+        """Fine-tune for the 48 colour x shape classes: pretrain/train (class of the largest object) -> zeroshot/val."""
+        from pretrain.finetune_cls import main
+
+        p, prof, r = self.paths, self.profile, RECIPE
+        start = ["--init", str(p.student("uta") / "student.safetensors")] if init == "uta" else \
+            ["--model", r.student_model]
+        data = ["--train_data", str(p.data / "pretrain" / "train"), "--val_data", str(p.data / "zeroshot" / "val")]
+        main([*start, *data,
+              "--output_dir", str(p.classifier(init)), "--max_steps", str(prof.classify_steps),
+              "--batch_size", str(prof.classify_batch), "--micro_batch_size", str(prof.classify_batch),
+              "--lr", str(r.classify_lr), "--warmup_steps", str(warmup_steps(prof.classify_steps,
+                                                                              r.classify_warmup_divisor)),
+              "--layer_decay", str(r.classify_layer_decay), "--drop_path", str(r.classify_drop_path),
+              "--smoothing", str(r.classify_smoothing), "--auto_augment", "none", "--color_jitter", "0",
+              "--scale_min", str(r.classify_crop_min_scale), "--workers", "1", "--save_every", "50", "--resume",
+              "--seed", str(self.seed)])
+
+    def probe_towers(self) -> list[str]:
+        """--tower flags: the teacher and the probed students; --random-init adds their architectures' twins."""
+        towers = ["--tower", f"teacher=openclip:local-dir:{self.paths.teacher}"]
+        for name in PROBED:
+            towers += ["--tower", f"{name}={self.paths.student(name) / 'student.safetensors'}"]
+        return [*towers, "--random-init", "--seed", str(self.seed), "--workers", "1"]
+
+    def probe_patches(self) -> None:
+        from llava_uta.eval.probe.patchprobe import main
+
+        main(["--data", str(self.paths.data), "--max-train-images", str(self.profile.probe_train_images),
+              "--out", str(self.paths.probe("patch")), *self.probe_towers()])
+
+    def probe_images(self) -> None:
+        """CLS features of pretrain/train images (class: the largest object) -> the single-object zeroshot/val."""
+        from llava_uta.eval.probe.linprobe import main
+
+        data = self.paths.data
+        main(["--train", str(data / "pretrain" / "train"), "--val", str(data / "zeroshot" / "val"),
+              "--max-per-class", str(self.profile.probe_images_per_class), "--pool", "cls",
+              "--out", str(self.paths.probe("linear")),
+              *self.probe_towers()])
+
     def student_budget(self, name: str) -> list[str]:
         """UTA's steps; for an objective baseline, UTA's measured training seconds (its steps only bound it)."""
         steps = self.profile.student_steps
@@ -231,6 +292,11 @@ class Pipeline:
         from llava_uta.model.convert import main
 
         main(["--from-open-clip", f"local-dir:{self.paths.teacher}", str(self.paths.tower("teacher"))])
+
+    def convert_random(self) -> None:
+        from llava_uta.model.convert import main
+
+        main(["--random-init", RECIPE.student_model, "--seed", str(self.seed), str(self.paths.tower("random"))])
 
     def convert_blind(self) -> None:
         from llava_uta.model.convert import main

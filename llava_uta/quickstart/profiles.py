@@ -19,6 +19,15 @@ class Recipe:
     finetune_lr: float = 2e-4  # the paper card's (LAMB); 2e-3 also works at this scale, a little worse
     finetune_warmup_divisor: int = 10
     finetune_layer_decay: float = 0.75
+    # classification fine-tuning (llava-uta-finetune-cls) of the UTA student and of its random-init twin: EVA-02's
+    # recipe without RandAugment and colour jitter (colour is half of every label here) and with crops of at least
+    # half the image (a smaller crop can cut away the object that names the class)
+    classify_lr: float = 1e-3
+    classify_warmup_divisor: int = 10
+    classify_layer_decay: float = 0.7
+    classify_drop_path: float = 0.1
+    classify_smoothing: float = 0.1
+    classify_crop_min_scale: float = 0.5
     projector_type: str = "mlp2x_gelu"
     stage1_lr: float = 2e-3
     stage1_warmup_divisor: int = 10
@@ -49,6 +58,10 @@ class Profile:
     cache_views: int = 1  # fixed views per image whose teacher targets are computed once for every student
     finetune_steps: int = 100  # contrastive fine-tuning of the UTA student (--compare)
     finetune_batch: int = 128
+    classify_steps: int = 100  # classification fine-tuning, UTA student and random init (--compare)
+    classify_batch: int = 128
+    probe_train_images: int = 2000  # per-patch probes: pretrain/train images the probes are fitted on
+    probe_images_per_class: int = 50  # linear probes: pretrain/train images per class
     lm_steps: int = 200
     stage1_steps: int = 100  # the projector alone: its caption loss flattens after ~40 steps
     stage1_batch: int = 32
@@ -63,7 +76,8 @@ PROFILES = {
         world={"num_clip": 2048, "num_pretrain": 1024, "num_zeroshot_per_class": 3, "num_stage1": 512,
                "num_stage2": 384, "num_bench_images": 6, "num_grounding_images": 12},
         teacher_steps=30, teacher_batch=64, student_steps=60, student_batch=64, student_warmup=6, cache_views=1,
-        finetune_steps=10, finetune_batch=64,
+        finetune_steps=10, finetune_batch=64, classify_steps=8, classify_batch=32, probe_train_images=200,
+        probe_images_per_class=4,
         lm_steps=60, stage1_steps=30, stage1_batch=16, stage2_steps=60, stage2_batch=8,
         bench_max_new_tokens=32,
     ),

@@ -66,6 +66,32 @@ def zeroshot_table(rows: list[dict], classes: int) -> str:
     return "\n".join(lines)
 
 
+CLASSIFIERS = {"uta": "UTA student", "random": "random init (same architecture)"}
+
+
+def classification_table(paths: Layout) -> str | None:
+    """Fine-tuned top-1/top-5 from each initialisation, or None before the stages ran."""
+    rows = []
+    for init, title in CLASSIFIERS.items():
+        summary = _read_json(paths.classifier(init) / "summary.json")
+        if summary:
+            rows.append(f"| {title} | {summary['steps']} | {summary['train_seconds']:.0f} | "
+                        f"{summary['val']['top1']:.3f} | {summary['val']['top5']:.3f} |")
+    if not rows:
+        return None
+    return "\n".join(["| initialisation | steps | train s | top-1 | top-5 |", "|---|---:|---:|---:|---:|", *rows])
+
+
+def probe_tables(paths: Layout) -> list[str]:
+    """The markdown tables the probe commands wrote beside their JSON."""
+    tables = []
+    for kind in ("patch", "linear"):
+        table = paths.probe(kind).with_suffix(".md")
+        if table.is_file():
+            tables += [table.read_text().strip(), ""]
+    return tables
+
+
 def loss_curves(paths: Layout) -> dict[str, list[tuple[int, float]]]:
     """(step, loss) series of every training run that wrote a log."""
     curves = {"teacher CLIP": [(r["step"], r["loss"]) for r in _jsonl(paths.teacher / "train_log.jsonl")]}
@@ -74,6 +100,9 @@ def loss_curves(paths: Layout) -> dict[str, list[tuple[int, float]]]:
         curves[f"student {name}"] = [(r["step"], r["loss"]) for r in log if "loss" in r]
     curves["contrastive fine-tuning (UTA)"] = [
         (r["step"], r["loss"]) for r in _jsonl(paths.finetuned("uta") / "log.jsonl") if "loss" in r]
+    for init in CLASSIFIERS:
+        curves[f"classification fine-tuning ({init} init)"] = [
+            (r["step"], r["loss"]) for r in _jsonl(paths.classifier(init) / "log.jsonl") if "loss" in r]
     curves["tiny LM"] = [(r["step"], r["loss"]) for r in _jsonl(paths.lm / "train_log.jsonl")]
     for tower in TOWERS:
         for stage in (1, 2):
@@ -92,6 +121,7 @@ def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
     groups = {"CLIP losses and LM": [n for n in curves if n in ("teacher CLIP", "tiny LM")
                                      or n.startswith("contrastive")],
               "students (negative cosine)": [n for n in curves if n.startswith("student")],
+              "classification fine-tuning": [n for n in curves if n.startswith("classification")],
               "LLaVA": [n for n in curves if n.startswith("LLaVA")]}
     groups = {title: names for title, names in groups.items() if names}
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.5), squeeze=False)
@@ -132,6 +162,19 @@ def write_report(paths: Layout, state: dict, profile_name: str) -> str:
                      "`llava-uta-bench grounding`: one question per kind and image, right when the answer names the "
                      "true value alone; chance = share of the most frequent true answer. The blind tower is UTA's with "
                      "its patch embedding zeroed (same recipe, no image): a tower helps by its margin over that row."]
+    classification = classification_table(paths)
+    if classification:
+        sections += ["", "## Classification fine-tuning (48 colour x shape classes)", "", classification, "",
+                     "`llava-uta-finetune-cls` on `pretrain/train` (class: colour and shape of the largest object), "
+                     "scored on the single-object `zeroshot/val` images; the same recipe and steps from the UTA "
+                     "student and from the same architecture at random init. Pre-training helps by the gap."]
+    probes = probe_tables(paths)
+    if probes:
+        sections += ["", "## Probes of the frozen towers", "", *probes,
+                     "Per patch: `llava-uta-patchprobe` (layer -2, the tokens LLaVA's projector reads); per image: "
+                     "`llava-uta-linprobe` (CLS of the last block, fitted on `pretrain/train`, scored on "
+                     "`zeroshot/val`). `random init (...)` rows are "
+                     "the architectures with fresh seeded weights, the floor that pre-training must beat."]
     curves = loss_curves(paths)
     if curves:
         plot_losses(curves, paths.plots / "losses.png")

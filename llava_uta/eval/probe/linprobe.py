@@ -21,7 +21,7 @@ import time
 import torch
 from torch import Tensor
 
-from llava_uta.eval.probe.data import checked_image_folder, limit_per_class
+from llava_uta.data.image_folder import checked_image_folder, limit_per_class
 from llava_uta.eval.probe.features import (
     Selector,
     add_tower_arguments,
