@@ -255,7 +255,7 @@ class Pipeline:
         towers = ["--tower", f"teacher=openclip:local-dir:{self.paths.teacher}"]
         for name in PROBED:
             towers += ["--tower", f"{name}={self.paths.student(name) / 'student.safetensors'}"]
-        return [*towers, "--random-init", "--seed", str(self.seed), "--workers", "1"]
+        return [*towers, "--random-init", "--seed", str(self.seed), "--workers", "0"]  # tiny images: no worker
 
     def probe_patches(self) -> None:
         from llava_uta.eval.probe.patchprobe import main
