@@ -96,7 +96,8 @@ def real_scale_table(views: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="a ShapesWorld folder (llava-uta-shapes --out)")
-    parser.add_argument("--teacher", default=None, help="open_clip model name (random weights); default: tiny CLIP")
+    parser.add_argument("--teacher", default=None, help="open_clip model name (random weights) or local-dir:PATH (its "
+                        "weights, e.g. the quickstart's teacher); default: a random tiny CLIP")
     parser.add_argument("--model", default="uta_tiny_p8_64", help="student config (uta_b14_224: slow on a CPU)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--mask-ratio", type=float, default=0.5)
@@ -139,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     images, steps_per_epoch = fly["images"], fly["steps per epoch"]
     medians = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
                for name, runs in results.items()}
-    print(f"{args.teacher or 'tiny CLIP (TINY_CLIP_CFG)'} teacher (random), student {args.model} at {image_size} px "
+    weights = "its weights" if (args.teacher or "").startswith("local-dir:") else "random weights"
+    print(f"{args.teacher or 'tiny CLIP (TINY_CLIP_CFG)'} teacher ({weights}), student {args.model} at {image_size} px "
           f"(grid {grid[0]}x{grid[1]}), UTA, batch {args.batch_size}, mask ratio {args.mask_ratio}, "
           f"{args.num_steps} steps, {images} images ({steps_per_epoch} steps/epoch), {args.cache_views} cached "
           f"view(s), {args.workers} worker(s), {torch.get_num_threads()} threads, median of {args.repeats}")

@@ -1,9 +1,9 @@
 """`llava-uta-quickstart`: ShapesWorld -> teacher CLIP -> UTA student -> LLaVA stages 1 and 2 -> LLaVA-Bench.
 
-    llava-uta-quickstart                 # the default profile (about 10 minutes on 2 CPU cores)
+    llava-uta-quickstart                 # the default profile (about 23 minutes on 2 CPU cores)
     llava-uta-quickstart --compare       # + MIM, feature distillation and CLS-only students, block and random
                                          #   masking, and LLaVA with the teacher's tower instead of UTA's
-    llava-uta-quickstart --fast          # a small world and a few steps per stage (tests, about 1 minute)
+    llava-uta-quickstart --fast          # a small world and a few steps per stage (tests, about 3 minutes)
     llava-uta-quickstart --serve         # then open the web demo on the trained LLaVA
 
 Each stage is a real run of one of the project's tools; a finished stage is skipped, so Ctrl-C and rerun
