@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,8 +38,6 @@ from safetensors.torch import save_file
 from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 from transformers import HfArgumentParser
 
 from llava_uta.distributed import end_process_group
@@ -63,7 +60,7 @@ from llava_uta.model.openclip_loader import create_openclip, openclip_tokenizer
 from llava_uta.model.uta_vit import UTAViT
 from pretrain.caption_data import CaptionViews, caption_source
 from pretrain.data import EpochSampler
-from pretrain.loop import RunArguments, RunLogger, StepCheckpoints, distributed_setup, fp32_state_dict, global_mean
+from pretrain.loop import RunArguments, RunLogger, StepCheckpoints, StepTrainer, distributed_setup, fp32_state_dict
 
 OPTIMIZERS = ("lamb", "adamw")
 
@@ -180,7 +177,7 @@ def set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
         torch.cuda.set_rng_state(state[1])
 
 
-class CLIPFinetuner:
+class CLIPFinetuner(StepTrainer):
     def __init__(self, args: FinetuneArguments):
         self.args = args
         self.rank, self.world, self.device = distributed_setup(args.local_rank)
@@ -277,22 +274,13 @@ class CLIPFinetuner:
 
     # ---- checkpoints and output
 
-    def save_checkpoint(self) -> Path:
-        state = {"step": self.step, "train_seconds": self.train_seconds, "scheduler": self.scheduler.state_dict()}
-        return self.checkpoints.save(self.step, None, self.optimizer, state,
-                                     lambda folder: self._save_weights(folder / "model.safetensors"))
-
-    def _save_weights(self, path: Path) -> None:
+    def save_weights(self, folder: Path) -> None:
         if self.rank == 0:
-            save_file(fp32_state_dict(self.model, None, False, 0), path, metadata={"format": "pt"})
+            save_file(fp32_state_dict(self.model, None, False, 0), folder / "model.safetensors",
+                      metadata={"format": "pt"})
 
-    def load_checkpoint(self, folder: Path) -> None:
-        def load_weights(folder: Path) -> None:
-            load_strict(self.model, load_state_dict_file(folder / "model.safetensors"), str(folder))
-
-        state = self.checkpoints.load(folder, None, self.optimizer, load_weights)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.train_seconds = state["step"], state["train_seconds"]
+    def load_weights(self, folder: Path) -> None:
+        load_strict(self.model, load_state_dict_file(folder / "model.safetensors"), str(folder))
 
     def zeroshot(self) -> dict[str, float]:
         """Zero-shot top-1/top-5 with the model's current text tower (rebuilt class weights unless it is frozen)."""
@@ -303,15 +291,7 @@ class CLIPFinetuner:
         self.model.train()
         return result
 
-    # ---- the loop
-
-    def loader(self, epoch: int, start: int) -> DataLoader:
-        self.dataset.set_epoch(epoch)
-        self.sampler.set_epoch(epoch, start)
-        generator = torch.Generator().manual_seed(self.args.seed + epoch)  # leaves the global RNG (drop path) alone
-        return DataLoader(self.dataset, batch_size=self.args.micro_batch_size, sampler=self.sampler,
-                          num_workers=self.args.workers, drop_last=True, generator=generator,
-                          pin_memory=self.device.type == "cuda")
+    # ---- the run
 
     def train(self) -> dict:
         args = self.args
@@ -323,29 +303,7 @@ class CLIPFinetuner:
             summary["zeroshot_before"] = self.zeroshot()
         logger = RunLogger(self.out, self.rank == 0)
         self.model.train()
-        progress = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0, desc="contrastive")
-        while self.step < self.total_steps:
-            epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
-            batches = iter(self.loader(epoch, step_in_epoch * self.accum * args.micro_batch_size))
-            for _ in range(step_in_epoch, self.steps_per_epoch):
-                self.scheduler.step_update(self.step)
-                start = time.perf_counter()
-                loss = self.train_step([next(batches) for _ in range(self.accum)])
-                grad_norm = self.optimizer_step()
-                self.step += 1
-                progress.update()
-                seconds = time.perf_counter() - start
-                self.train_seconds += seconds
-                logger.log({"step": self.step, "loss": global_mean(loss, self.world, self.device),
-                            "lr": self.optimizer.param_groups[-1]["lr"], "grad_norm": grad_norm,
-                            "images_per_s": args.batch_size / seconds, "seconds": seconds}, every=args.log_every)
-                if self.probe and args.eval_every and self.step % args.eval_every == 0:
-                    logger.log_eval(self.step, self.zeroshot())
-                if self.step % args.save_every == 0 or self.step == self.total_steps:
-                    self.save_checkpoint()
-                if self.step == self.total_steps:
-                    break
-        progress.close()
+        self.run_steps(logger, "contrastive", self.zeroshot if self.probe else None)
         summary |= {"steps": self.step, "train_seconds": self.train_seconds,
                     "output": str(self.out / "uta_clip.safetensors")}
         if logger.records:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,7 +41,6 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
-from tqdm import tqdm
 from transformers import HfArgumentParser
 
 from llava_uta.data.image_folder import checked_image_folder
@@ -53,7 +51,7 @@ from llava_uta.model.convert import load_any_uta_vit
 from llava_uta.model.timm_models import GLOBAL_POOLS, TimmUTAViT
 from llava_uta.model.uta_vit import UTA_VIT_CONFIGS
 from pretrain.data import EpochSampler, sample_seed, seeded_rngs, seeded_view
-from pretrain.loop import RunArguments, RunLogger, StepCheckpoints, distributed_setup, fp32_state_dict, global_mean
+from pretrain.loop import RunArguments, RunLogger, StepCheckpoints, StepTrainer, distributed_setup, fp32_state_dict
 
 
 @dataclass
@@ -161,7 +159,7 @@ class ClassificationViews(Dataset):
         return seeded_view(self.transform, image, sample_seed(self.seed, self.epoch, index)), target
 
 
-class ClassificationFinetuner:
+class ClassificationFinetuner(StepTrainer):
     def __init__(self, args: FinetuneClsArguments):
         self.args = args
         self.rank, self.world, self.device = distributed_setup(args.local_rank)
@@ -284,36 +282,19 @@ class ClassificationFinetuner:
 
     # ---- checkpoints and output
 
-    def save_checkpoint(self) -> Path:
-        state = {"step": self.step, "train_seconds": self.train_seconds, "scheduler": self.scheduler.state_dict()}
-        return self.checkpoints.save(self.step, None, self.optimizer, state, self._save_weights)
-
-    def _save_weights(self, folder: Path) -> None:
+    def save_weights(self, folder: Path) -> None:
         if self.rank != 0:
             return
         save_uta_vit(self.model, folder / "model.safetensors", fp32_state_dict(self.model, None, False, 0))
         if self.ema is not None:
             save_uta_vit(self.ema.module, folder / "ema.safetensors", fp32_state_dict(self.ema.module, None, False, 0))
 
-    def load_checkpoint(self, folder: Path) -> None:
-        def load_weights(folder: Path) -> None:
-            load_strict(self.model, load_state_dict_file(folder / "model.safetensors"), str(folder))
-            if self.ema is not None:
-                load_strict(self.ema.module, load_state_dict_file(folder / "ema.safetensors"), str(folder))
+    def load_weights(self, folder: Path) -> None:
+        load_strict(self.model, load_state_dict_file(folder / "model.safetensors"), str(folder))
+        if self.ema is not None:
+            load_strict(self.ema.module, load_state_dict_file(folder / "ema.safetensors"), str(folder))
 
-        state = self.checkpoints.load(folder, None, self.optimizer, load_weights)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.train_seconds = state["step"], state["train_seconds"]
-
-    # ---- the loop
-
-    def loader(self, epoch: int, start: int) -> DataLoader:
-        self.dataset.set_epoch(epoch)
-        self.sampler.set_epoch(epoch, start)
-        generator = torch.Generator().manual_seed(self.args.seed + epoch)  # leaves the global RNG (drop path) alone
-        return DataLoader(self.dataset, batch_size=self.args.micro_batch_size, sampler=self.sampler,
-                          num_workers=self.args.workers, drop_last=True, generator=generator,
-                          pin_memory=self.device.type == "cuda")
+    # ---- the run
 
     def train(self) -> dict:
         args = self.args
@@ -323,29 +304,7 @@ class ClassificationFinetuner:
             self.load_checkpoint(self.checkpoints.folders()[-1])
         logger = RunLogger(self.out, self.rank == 0)
         self.model.train()
-        progress = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0, desc="fine-tune")
-        while self.step < self.total_steps:
-            epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
-            batches = iter(self.loader(epoch, step_in_epoch * self.accum * args.micro_batch_size))
-            for _ in range(step_in_epoch, self.steps_per_epoch):
-                self.scheduler.step_update(self.step)
-                start = time.perf_counter()
-                loss = self.train_step([next(batches) for _ in range(self.accum)])
-                grad_norm = self.optimizer_step()
-                self.step += 1
-                progress.update()
-                seconds = time.perf_counter() - start
-                self.train_seconds += seconds
-                logger.log({"step": self.step, "loss": global_mean(loss, self.world, self.device),
-                            "lr": self.optimizer.param_groups[-1]["lr"], "grad_norm": grad_norm,
-                            "images_per_s": args.batch_size / seconds, "seconds": seconds}, every=args.log_every)
-                if self.val_folder is not None and args.eval_every and self.step % args.eval_every == 0:
-                    logger.log_eval(self.step, self.evaluate_all())
-                if self.step % args.save_every == 0 or self.step == self.total_steps:
-                    self.save_checkpoint()
-                if self.step == self.total_steps:
-                    break
-        progress.close()
+        self.run_steps(logger, "fine-tune", self.evaluate_all if self.val_folder is not None else None)
         summary |= {"steps": self.step, "train_seconds": self.train_seconds,
                     "output": str(self.out / "model.safetensors")}
         if logger.records:
@@ -354,7 +313,7 @@ class ClassificationFinetuner:
             summary["val"] = self.evaluate_all()
             logger.log_eval(self.step, summary["val"])
         if self.rank == 0:
-            self._save_weights(self.out)
+            self.save_weights(self.out)
             write_json_atomic(self.out / "classes.json", self.classes)
             write_json_atomic(self.out / "summary.json", summary)
         logger.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from llava_uta.distributed import init_distributed
 from llava_uta.io_utils import partial_dir, replace_dir
@@ -208,3 +211,59 @@ class RunLogger:
         if self.active:
             self.jsonl.close()
             self.tb.close()
+
+
+class StepTrainer:
+    """The optimizer-step loop the fine-tuners share: resumable epochs of micro-batches, logs, checkpoints.
+
+    A subclass sets `args` (a RunArguments with batch_size and micro_batch_size), `dataset` (with set_epoch),
+    `sampler` (an EpochSampler), `device`, `rank`, `world`, `out`, `optimizer`, `scheduler`, `checkpoints`, `accum`,
+    `steps_per_epoch`, `total_steps`, `step` and `train_seconds`, and defines `train_step(micro_batches) -> loss`,
+    `optimizer_step() -> grad norm`, `save_weights(folder)` (called on every rank) and `load_weights(folder)`.
+    """
+
+    def loader(self, epoch: int, start: int) -> DataLoader:
+        """Epoch `epoch`'s micro-batches from this rank's sample `start` on (augmentations are seeded per sample)."""
+        self.dataset.set_epoch(epoch)
+        self.sampler.set_epoch(epoch, start)
+        generator = torch.Generator().manual_seed(self.args.seed + epoch)  # leaves the global RNG (drop path) alone
+        return DataLoader(self.dataset, batch_size=self.args.micro_batch_size, sampler=self.sampler,
+                          num_workers=self.args.workers, drop_last=True, generator=generator,
+                          pin_memory=self.device.type == "cuda")
+
+    def save_checkpoint(self) -> Path:
+        state = {"step": self.step, "train_seconds": self.train_seconds, "scheduler": self.scheduler.state_dict()}
+        return self.checkpoints.save(self.step, None, self.optimizer, state, self.save_weights)
+
+    def load_checkpoint(self, folder: Path) -> None:
+        state = self.checkpoints.load(folder, None, self.optimizer, self.load_weights)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.train_seconds = state["step"], state["train_seconds"]
+
+    def run_steps(self, logger: RunLogger, desc: str, evaluate: Callable[[], dict] | None) -> None:
+        """Optimizer steps up to `total_steps`: log each, `evaluate` every `eval_every`, checkpoint every
+        `save_every` and at the end."""
+        args = self.args
+        progress = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0, desc=desc)
+        while self.step < self.total_steps:
+            epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
+            batches = iter(self.loader(epoch, step_in_epoch * self.accum * args.micro_batch_size))
+            for _ in range(step_in_epoch, self.steps_per_epoch):
+                self.scheduler.step_update(self.step)
+                start = time.perf_counter()
+                loss = self.train_step([next(batches) for _ in range(self.accum)])
+                grad_norm = self.optimizer_step()
+                self.step += 1
+                progress.update()
+                seconds = time.perf_counter() - start
+                self.train_seconds += seconds
+                logger.log({"step": self.step, "loss": global_mean(loss, self.world, self.device),
+                            "lr": self.optimizer.param_groups[-1]["lr"], "grad_norm": grad_norm,
+                            "images_per_s": args.batch_size / seconds, "seconds": seconds}, every=args.log_every)
+                if evaluate is not None and args.eval_every and self.step % args.eval_every == 0:
+                    logger.log_eval(self.step, evaluate())
+                if self.step % args.save_every == 0 or self.step == self.total_steps:
+                    self.save_checkpoint()
+                if self.step == self.total_steps:
+                    break
+        progress.close()
