@@ -5,16 +5,15 @@ import io
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import open_clip
 import pytest
 import torch
+from run_helpers import kill_when_written
 from transformers import HfArgumentParser
 
 from llava_uta.data.shapes import ShapesWorldConfig, build
@@ -195,15 +194,8 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(world, towers, tmp_pa
     CLIPFinetuner(finetune_args(world, towers, tmp_path / "straight", max_steps=8, save_every=2,
                                 drop_path=0.1)).train()
     resumed = finetune_args(world, towers, tmp_path / "resumed", max_steps=8, save_every=2, drop_path=0.1)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "pretrain.finetune_clip", *cli_flags(resumed)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = tmp_path / "resumed/checkpoints/step_00000002"
-    deadline = time.time() + 300
-    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_written("pretrain.finetune_clip", cli_flags(resumed), checkpoint)
     assert checkpoint.is_dir() and not (tmp_path / "resumed/uta_clip.safetensors").exists()  # killed mid-run
     resumed.resume = True
     CLIPFinetuner(resumed).train()

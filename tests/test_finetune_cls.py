@@ -4,10 +4,8 @@ output through timm, the recipe scripts and clear errors."""
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from run_helpers import kill_when_written
 from transformers import HfArgumentParser
 
 import llava_uta.model  # noqa: F401  (registers the UTA configs with timm)
@@ -136,15 +135,8 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(shape_folders, tmp_pa
                   model_ema_decay=0.9, workers=2)
     ClassificationFinetuner(cls_args(shape_folders, tmp_path / "straight", **recipe)).train()
     resumed = cls_args(shape_folders, tmp_path / "resumed", **recipe)
-    proc = subprocess.Popen([sys.executable, "-m", "pretrain.finetune_cls", *cli_flags(resumed)],
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
     checkpoint = tmp_path / "resumed/checkpoints/step_00000002"
-    deadline = time.time() + 300
-    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_written("pretrain.finetune_cls", cli_flags(resumed), checkpoint)
     assert checkpoint.is_dir() and not (tmp_path / "resumed/model.safetensors").exists()  # killed mid-run
     resumed.resume = True
     ClassificationFinetuner(resumed).train()

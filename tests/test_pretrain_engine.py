@@ -3,14 +3,13 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import kill_when_written
 from timm.layers import drop_path
 from transformers import HfArgumentParser
 
@@ -110,15 +109,8 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(world, teacher_dir, t
     Pretrainer(straight).train()
 
     resumed = engine_args(world, teacher_dir, tmp_path / "resumed", max_steps=30, save_every=3)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "pretrain.train", *cli_flags(resumed)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = tmp_path / "resumed/checkpoints/step_00000003"
-    deadline = time.time() + 120
-    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_written("pretrain.train", cli_flags(resumed), checkpoint, timeout=120)
     assert checkpoint.is_dir() and not (tmp_path / "resumed/student.safetensors").exists()  # killed mid-run
     resumed.resume = True
     trainer = Pretrainer(resumed)
