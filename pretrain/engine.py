@@ -94,6 +94,10 @@ class PretrainArguments(RunArguments):
     crop_min_scale: float = 0.2
     flip: bool = True
     peak_tflops: float | None = field(default=None, metadata={"help": "hardware peak, to report the fraction"})
+    eval_points: int = field(default=0, metadata={
+        "help": "zero-shot evals spread over the run: one each time another 1/N of the budget is spent (of "
+                "--max_train_seconds if set, else of the steps), the last at the end; each log record holds the "
+                "step, the training seconds and the student's TFLOP so far (a curve of top-1 against compute)"})
     teacher_cache: str | None = field(default=None, metadata={"help": "folder of precomputed teacher targets "
                                       "(built on first use); implies a fixed-view schedule"})
     cache_views: int = field(default=1, metadata={"help": "fixed views per image with --teacher_cache"})
@@ -164,6 +168,8 @@ class Pretrainer:
         self.flops_per_token = flops_per_token(student)
         self.step = 0
         self.train_seconds = 0.0  # spent in training steps (the budget of --max_train_seconds)
+        self.student_flop = 0.0  # the student's matmul FLOPs so far, every rank (flops_per_token x tokens)
+        self.evals_done = 0  # of --eval_points
 
     # ---- setup helpers
 
@@ -229,7 +235,8 @@ class Pretrainer:
     # ---- checkpoints
 
     def save_checkpoint(self) -> Path:
-        state = {"step": self.step, "train_seconds": self.train_seconds, "scheduler": self.scheduler.state_dict()}
+        state = {"step": self.step, "train_seconds": self.train_seconds, "student_flop": self.student_flop,
+                 "evals_done": self.evals_done, "scheduler": self.scheduler.state_dict()}
         return self.checkpoints.save(self.step, self.engine, self.optimizer, state,
                                      lambda folder: self.save_student(folder / "student.safetensors"))
 
@@ -241,6 +248,8 @@ class Pretrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         self.train_seconds = state.get("train_seconds", 0.0)
+        self.student_flop = state.get("student_flop", 0.0)
+        self.evals_done = state.get("evals_done", 0)
 
     def save_student(self, path: Path) -> None:
         """Write the student with fp32 weights (rank 0); a collective under DeepSpeed --bf16, so every rank calls it."""
@@ -273,6 +282,20 @@ class Pretrainer:
             return self.step
         return self.warmup + (self.total_steps - self.warmup) * min(1.0, self.train_seconds / budget)
 
+    def budget_spent(self) -> float:
+        """The share of the run's budget spent: of --max_train_seconds if set, else of the steps."""
+        budget = self.args.max_train_seconds
+        return self.train_seconds / budget if budget else self.step / self.total_steps
+
+    def eval_due(self) -> bool:
+        """Whether another of the --eval_points is reached (at most one eval per step; the last at the end)."""
+        points = self.args.eval_points
+        reached = points if self.finished() else min(points, math.floor(self.budget_spent() * points))
+        if reached <= self.evals_done:
+            return False
+        self.evals_done = reached
+        return True
+
     def finished(self) -> bool:
         budget = self.args.max_train_seconds
         return self.step >= self.total_steps or bool(budget and self.train_seconds >= budget)
@@ -285,6 +308,7 @@ class Pretrainer:
         logger = RunLogger(self.out, self.rank == 0)
         self.student.train()
         progress = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0, desc=args.objective)
+        last_eval = -1, {}
         while not self.finished():
             epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
             batches = iter(self.loader(epoch, step_in_epoch * self.accum * args.micro_batch_size))
@@ -305,25 +329,30 @@ class Pretrainer:
                 # the ranks agree on the time budget
                 self.train_seconds += global_mean(time.perf_counter() - start, self.world, self.device)
                 progress.update()
+                self.student_flop += self.flops_per_token * tokens * self.world
                 loss = global_mean(sum(losses) / len(losses), self.world, self.device)
                 seconds = time.perf_counter() - start
                 logger.log({"step": self.step, "loss": loss, **stats, "lr": self.optimizer.param_groups[0]["lr"],
                             "grad_norm": grad_norm, **self.throughput(tokens * self.world, seconds, teacher_s)},
                            every=args.log_every)
-                if self.probe and args.eval_every and self.step % args.eval_every == 0:
-                    logger.log_eval(self.step, self.probe.evaluate(self.unwrapped))
+                every = args.eval_every and self.step % args.eval_every == 0
+                if self.probe and (self.eval_due() or every):
+                    last_eval = self.step, self.probe.evaluate(self.unwrapped)
+                    logger.log_eval(self.step, last_eval[1], train_seconds=self.train_seconds,
+                                    student_tflop=self.student_flop / 1e12)
                     self.student.train()
                 if self.step % args.save_every == 0 or self.finished():
                     self.save_checkpoint()
                 if self.finished():
                     break
         progress.close()
-        summary = {"steps": self.step, "args": asdict(args), "train_seconds": self.train_seconds}
+        summary = {"steps": self.step, "args": asdict(args), "train_seconds": self.train_seconds,
+                   "student_tflop": self.student_flop / 1e12}
         if logger.records:
             steady = ("images_per_s", "passes_per_s", "student_tflops", "teacher_share")
             summary |= {"final_loss": logger.records[-1]["loss"], **{key: logger.steady_mean(key) for key in steady}}
-        if self.probe:
-            summary["zeroshot"] = self.probe.evaluate(self.unwrapped)
+        if self.probe:  # the final weights' result: the eval of the last step if there was one
+            summary["zeroshot"] = last_eval[1] if last_eval[0] == self.step else self.probe.evaluate(self.unwrapped)
             summary["teacher_zeroshot"] = self.teacher_zeroshot
         self.save_student(self.out / "student.safetensors")
         if self.rank == 0:

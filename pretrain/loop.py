@@ -192,9 +192,10 @@ class RunLogger:
                 if key != "step":
                     self.tb.add_scalar(f"train/{key}", value, step)
 
-    def log_eval(self, step: int, result: dict) -> None:
+    def log_eval(self, step: int, result: dict, **context: float) -> None:
+        """Write an evaluation's `result`, with where the run stands (e.g. its training seconds) in `context`."""
         if self.active:
-            self._write({"step": step, "eval": result})
+            self._write({"step": step, **context, "eval": result})
             for key, value in result.items():
                 self.tb.add_scalar(f"eval/{key}", value, step)
 

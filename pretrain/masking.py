@@ -9,6 +9,9 @@ so a batch of kept indices is a rectangular (B, K) tensor.
 - `reversed_block`: the same block generator picks the *kept* set (K patches), so the aligned tokens
   are spatially balanced: the paper's default reading.
 - `block_or_complement`: per sample, `block` or `reversed_block` with probability 1/2 each.
+- `reversed_block_rolled`: `reversed_block`, then rolled by a uniform random (row, column) shift with wrap-around.
+  The kept set stays made of (possibly wrapped) rectangles, but every position is kept equally often: blocks
+  placed inside the grid keep its centre more often than its border, and this variant removes only that bias.
 
 Several keep sets per view (`--masks_per_view M`, drawn in pretrain/data.py) are independent draws, or with
 `--mask_pairing complement` (M = 2, ratio 0.5) a draw and the patches it leaves out (`complement_keep`).
@@ -30,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-MASKING_KINDS = ("random", "block", "reversed_block", "block_or_complement")
+MASKING_KINDS = ("random", "block", "reversed_block", "block_or_complement", "reversed_block_rolled")
 MASK_PAIRINGS = ("independent", "complement")  # how the M keep sets of one view relate (--mask_pairing)
 BEIT_MIN_BLOCK, BEIT_NUM_PATCHES = 16, 14 * 14  # BEiT's min_num_patches on its 14x14 grid
 
@@ -115,6 +118,8 @@ class KeepIndexGenerator:
             kept = ~self._blocks(self.num_masked)
         else:
             kept = self._blocks(self.num_keep)
+        if kind == "reversed_block_rolled":
+            kept = np.roll(kept, (self.rng.randrange(self.height), self.rng.randrange(self.width)), axis=(0, 1))
         return torch.from_numpy(np.flatnonzero(kept.ravel())).long()
 
     def __repr__(self) -> str:

@@ -57,10 +57,11 @@ def test_spatial_behaviour_of_each_kind():
     # block keeps the edges (its masks are centre-heavy); reversed_block keeps the centre; the others are flat.
     assert freq["block"][0, 0] > 0.85 and freq["block"][8, 8] < 0.3
     assert freq["reversed_block"][0, 0] < 0.15 and freq["reversed_block"][8, 8] > 0.7
-    for kind in ("random", "block_or_complement"):
+    for kind in ("random", "block_or_complement", "reversed_block_rolled"):
         assert abs(freq[kind] - 0.5).max() < 0.1
-    # block kinds keep contiguous regions; random does not
+    # block kinds keep contiguous regions (rolled ones too, but for the seams where their blocks wrap); random not
     assert neighbours_kept(KeepIndexGenerator(16, 0.5, "reversed_block", seed=1)) > 0.75
+    assert neighbours_kept(KeepIndexGenerator(16, 0.5, "reversed_block_rolled", seed=1)) > 0.7
     assert neighbours_kept(KeepIndexGenerator(16, 0.5, "random", seed=1)) < 0.6
 
 
@@ -91,3 +92,15 @@ def test_render_command_writes_png(tmp_path, capsys):
     assert "keep=32/64, min_block=5" in capsys.readouterr().out
     main(["--grid", "8", "--min-block", "2", "--samples", "2", "--draws", "10", "--out", str(out)])
     assert "min_block=2" in capsys.readouterr().out
+
+
+def test_rolled_reversed_blocks_are_the_same_blocks_shifted_with_wrap_around():
+    plain = KeepIndexGenerator(8, 0.5, "reversed_block", seed=3)
+    rolled = KeepIndexGenerator(8, 0.5, "reversed_block_rolled", seed=3)
+    for _ in range(20):
+        a, b = np.zeros(64, dtype=bool), np.zeros(64, dtype=bool)
+        a[plain().numpy()], b[rolled().numpy()] = True, True
+        shifts = [(dy, dx) for dy in range(8) for dx in range(8)
+                  if (np.roll(a.reshape(8, 8), (dy, dx), axis=(0, 1)) == b.reshape(8, 8)).all()]
+        assert shifts
+        plain.rng.randrange(8), plain.rng.randrange(8)  # the two draws of the shift: keep the streams aligned

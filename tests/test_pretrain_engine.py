@@ -183,6 +183,25 @@ def test_a_wall_clock_budget_stops_the_run_and_decays_the_lr_over_time(world, te
     assert state["step"] == summary["steps"] and state["train_seconds"] == pytest.approx(summary["train_seconds"])
 
 
+def test_eval_points_spread_over_the_steps_with_seconds_and_student_flop(world, teacher_dir, tmp_path):
+    zs = world / "zeroshot"
+    trainer = Pretrainer(engine_args(world, teacher_dir, tmp_path / "run", max_steps=6, eval_points=3,
+                                     eval_data=str(zs / "val"), eval_classnames=str(zs / "classnames.json"),
+                                     eval_templates=str(zs / "templates.json")))
+    summary = trainer.train()
+    evals = [r for r in map(json.loads, (tmp_path / "run/log.jsonl").read_text().splitlines()) if "eval" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    seconds = [r["train_seconds"] for r in evals]
+    assert 0 < seconds[0] < seconds[1] < seconds[2] == pytest.approx(summary["train_seconds"])
+    # uta: CLS + the 8 kept patches of the 4x4 grid, 16 images a step
+    per_step = trainer.flops_per_token * 16 * trainer.objective.tokens_per_image(8, 16) / 1e12
+    assert [r["student_tflop"] for r in evals] == pytest.approx([2 * per_step, 4 * per_step, 6 * per_step])
+    assert summary["student_tflop"] == pytest.approx(6 * per_step)
+    assert summary["zeroshot"] == evals[-1]["eval"]  # the last point is the final weights' result, not re-run
+    state = torch.load(sorted((tmp_path / "run/checkpoints").iterdir())[-1] / "state.pt", weights_only=True)
+    assert state["evals_done"] == 3 and state["student_flop"] == pytest.approx(6 * per_step * 1e12)
+
+
 def test_bad_arguments_are_named(world, teacher_dir, tmp_path):
     with pytest.raises(ValueError, match="--objective"):
         Pretrainer(engine_args(world, teacher_dir, tmp_path, objective="mae"))

@@ -14,6 +14,7 @@ from transformers import AutoModel
 
 import llava_uta.model  # noqa: F401  (registers the UTA tower with AutoModel)
 from llava_uta.eval.llavabench.jsonl import read_jsonl
+from llava_uta.quickstart import study
 from llava_uta.quickstart.pipeline import EQUAL_WALL_CLOCK, PROBED, STUDENTS, TOWERS, Layout, RunState
 from llava_uta.quickstart.profiles import PROFILES, get_profile
 
@@ -148,3 +149,38 @@ def test_probes_and_classification_set_each_tower_against_its_random_init_floor(
         assert f"| {title} | {summary['steps']} |" in text
         top1[init] = summary["val"]["top1"]
     assert top1["uta"] > top1["random"] + 0.05  # fine-tuning the UTA student beats its random-init twin
+
+
+def test_study_draws_curves_over_seeds_from_the_quickstart_teacher(run, capsys):
+    paths, _ = run
+    names = ["uta", "fd"]
+    argv = ["--profile", "fast", "--data", str(paths.data), "--runs", str(paths.runs), "--only", *names]
+    text = study.main(argv)
+    out = paths.runs / "study" / "fast"
+    result = json.loads((out / "study.json").read_text())
+    fast = study.PROFILES["fast"]
+    for name in names:
+        seeds = result["runs"][name]["seeds"]
+        assert sorted(seeds) == ["0", "1"]  # the fast profile's 2 seeds
+        for seed, points in seeds.items():
+            assert [p["step"] for p in points] == [2, 4, 6]  # 3 points over 6 steps
+            for a, b in zip(points[:-1], points[1:], strict=True):
+                assert a["seconds"] < b["seconds"] and a["tflop"] < b["tflop"]
+            summary = json.loads((out / name / f"seed{seed}" / "summary.json").read_text())
+            assert summary["zeroshot"]["top1"] == points[-1]["top1"] and summary["steps"] == fast.steps
+        mean = result["runs"][name]["mean"]
+        for i, point in enumerate(mean):
+            top1 = [seeds[s][i]["top1"] for s in seeds]
+            assert point["top1"] == pytest.approx(sum(top1) / 2)
+            assert point["top1_std"] == pytest.approx(abs(top1[0] - top1[1]) / 2 ** 0.5)
+        assert f"| {study.RUNS[name][1]} | 2 |" in text
+    # equal steps: feature distillation runs all 64 patches + CLS, UTA the 32 kept + CLS
+    ratio = result["runs"]["fd"]["mean"][-1]["tflop"] / result["runs"]["uta"]["mean"][-1]["tflop"]
+    assert ratio == pytest.approx(65 / 33)
+    assert all((out / "plots" / f).stat().st_size > 5_000 for f in ("study-objectives.png", "study-masking.png"))
+    capsys.readouterr()
+    assert study.main(argv) == text and capsys.readouterr().out.count(": done") == 4  # a rerun trains nothing
+    with pytest.raises(SystemExit, match="other budgets"):
+        study.main([*argv, "--cache-views", "1"])
+    with pytest.raises(SystemExit, match="no teacher CLIP"):
+        study.main(["--profile", "fast", "--data", str(paths.data), "--runs", str(paths.runs / "nowhere")])

@@ -92,6 +92,18 @@ class Layout:
         return self.runs / "grounding" / f"answers-{tower}.jsonl"
 
 
+def pretrain_argv(paths: Layout, out: Path, seed: int, batch: int, warmup: int) -> list[str]:
+    """uta-pretrain flags of the shared recipe (every student of the quickstart and the study): data, teacher, model,
+    optimiser, views, zero-shot evaluation; the caller adds the budget and the student's own flags."""
+    r, zs = RECIPE, paths.data / "zeroshot"
+    return ["--data_path", str(paths.data / "pretrain" / "train"), "--output_dir", str(out), "--resume",
+            "--teacher", f"local-dir:{paths.teacher}", "--model", r.student_model, "--mask_ratio", str(r.mask_ratio),
+            "--batch_size", str(batch), "--micro_batch_size", str(batch), "--lr", str(r.student_lr),
+            "--warmup_steps", str(warmup), "--crop_min_scale", str(r.student_crop_min_scale), "--workers", "1",
+            "--seed", str(seed), "--eval_data", str(zs / "val"), "--eval_classnames", str(zs / "classnames.json"),
+            "--eval_templates", str(zs / "templates.json")]
+
+
 class RunState:
     """quickstart.json: the profile (its budgets and the recipe), and the finished stages with their seconds."""
 
@@ -205,17 +217,11 @@ class Pipeline:
     def train_student(self, name: str) -> None:
         from pretrain.train import main
 
-        p, prof, r, zs = self.paths, self.profile, RECIPE, self.paths.data / "zeroshot"
-        main(["--data_path", str(p.data / "pretrain" / "train"), "--output_dir", str(p.student(name)), "--resume",
-              "--teacher", f"local-dir:{p.teacher}", "--model", r.student_model, "--mask_ratio", str(r.mask_ratio),
-              "--batch_size", str(prof.student_batch), "--micro_batch_size", str(prof.student_batch),
-              "--lr", str(r.student_lr),
-              "--warmup_steps", str(warmup_steps(prof.student_steps, r.student_warmup_divisor, prof.student_warmup)),
-              "--crop_min_scale", str(r.student_crop_min_scale), "--workers", "1", "--save_every", "100",
-              "--seed", str(self.seed),
+        p, prof = self.paths, self.profile
+        warmup = warmup_steps(prof.student_steps, RECIPE.student_warmup_divisor, prof.student_warmup)
+        main([*pretrain_argv(p, p.student(name), self.seed, prof.student_batch, warmup), "--save_every", "100",
               "--teacher_cache", str(p.teacher_cache), "--cache_views", str(prof.cache_views),
-              "--eval_data", str(zs / "val"), "--eval_classnames", str(zs / "classnames.json"),
-              "--eval_templates", str(zs / "templates.json"), *self.student_budget(name), *STUDENTS[name][0]])
+              *self.student_budget(name), *STUDENTS[name][0]])
 
     def finetune_student(self) -> None:
         """The paper's second stage at this scale: LAMB with layer decay, T = 0.01, on the teacher's captions."""

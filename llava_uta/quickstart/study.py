@@ -1,0 +1,258 @@
+"""`llava-uta-study`: the paper's pre-training claims at small scale, as curves over seeds instead of single points.
+
+Every run is a `uta-pretrain` student on the quickstart's ShapesWorld and teacher (run `make demo` first), with the
+quickstart's recipe, the same wall-clock budget and several seeds. Each run evaluates zero-shot top-1 at
+`eval_points` moments spread over its budget, recording the training seconds and the student's TFLOP there, so
+the table and plots show top-1 as a function of training compute. A point before the end is a moment of one
+run whose learning rate is still decaying over the whole budget, not a shorter run's result.
+
+- objectives: UTA, MIM, feature distillation and CLS-only (pipeline.STUDENTS' flags);
+- masking: UTA with reversed block, block and random keep sets, keeping 1/2 and 3/4 of the patches, and
+  `reversed_block_rolled` (reversed blocks rolled by a random shift: the same blocks, with every position kept
+  equally often), which isolates the centre bias of reversed blocks.
+
+The teacher runs live on every step (fresh crops and flips each time, and the teacher's cost counted in every
+objective's seconds) unless `--cache-views N` reads N fixed views per image from the quickstart's teacher cache.
+
+    llava-uta-study                                    # default profile: 3 seeds, 2 minutes per run
+    llava-uta-study --profile long                     # 10 minutes per run, one seed, objectives only
+    llava-uta-study --only uta fd --seeds 2            # a subset
+
+Runs already finished are skipped (an interrupted run resumes), so a rerun only redraws the table and plots:
+RUNS/study/study.md, study.json and plots/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from llava_uta.io_utils import save_figure_atomic, write_json_atomic, write_text_atomic
+from llava_uta.quickstart.pipeline import GRID, STUDENTS, Layout, pretrain_argv
+from llava_uta.quickstart.profiles import RECIPE
+from pretrain.masking import KeepIndexGenerator, render_masks
+
+OBJECTIVES = ("uta", "mim", "fd", "cls")
+
+
+def masking_run(kind: str, keep: float) -> tuple[list[str], str]:
+    return ["--masking", kind, "--mask_ratio", str(1 - keep)], f"UTA, {kind.replace('_', ' ')} masking, keep {keep:g}"
+
+
+# name -> (uta-pretrain flags, title); "uta" is also the masking ablation's reversed-block, keep-1/2 row
+RUNS = {name: STUDENTS[name] for name in OBJECTIVES} | {
+    f"uta-{kind}-keep{keep:g}": masking_run(kind, keep)
+    for kind in ("reversed_block", "block", "random", "reversed_block_rolled") for keep in (0.5, 0.75)
+    if (kind, keep) != ("reversed_block", 1 - RECIPE.mask_ratio)
+}
+MASKING = ("uta", *(name for name in RUNS if name not in OBJECTIVES))
+
+
+@dataclass(frozen=True)
+class StudyProfile:
+    """The budget of every run (seconds, with steps as an upper bound; seconds 0 = by steps) and the seeds."""
+
+    seconds: float = 120.0
+    steps: int = 2000
+    batch: int = 128
+    warmup: int = 20
+    eval_points: int = 5
+    seeds: int = 3
+    runs: tuple[str, ...] = tuple(RUNS)
+
+
+PROFILES = {
+    "default": StudyProfile(),
+    "long": StudyProfile(seconds=600.0, steps=20000, seeds=1, runs=OBJECTIVES),
+    # the tests': budgets in steps, so every run has its eval points whatever the machine's speed
+    "fast": StudyProfile(seconds=0.0, steps=6, batch=32, warmup=2, eval_points=3, seeds=2),
+}
+
+
+def run_folder(study: Path, name: str, seed: int) -> Path:
+    return study / name / f"seed{seed}"
+
+
+def train(paths: Layout, study: Path, profile: StudyProfile, name: str, seed: int, cache_views: int) -> None:
+    """One student of the study (resumes an interrupted one)."""
+    from pretrain.train import main
+
+    budget = ["--max_steps", str(profile.steps)]
+    if profile.seconds:
+        budget += ["--max_train_seconds", str(profile.seconds)]
+    cache = ["--teacher_cache", str(paths.teacher_cache), "--cache_views", str(cache_views)] if cache_views else []
+    main([*pretrain_argv(paths, run_folder(study, name, seed), seed, profile.batch, profile.warmup),
+          "--save_every", "50", "--eval_points", str(profile.eval_points), *budget, *cache, *RUNS[name][0]])
+
+
+# ---- reading the runs
+
+
+def curve(folder: Path) -> list[dict]:
+    """The eval points of one finished run: step, training seconds, student TFLOP, top-1, top-5.
+
+    A resumed run may have logged a point twice (before the kill and again after resume): the last one counts."""
+    points = {}
+    for line in (folder / "log.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "eval" in record and "train_seconds" in record:
+            points[record["step"]] = {"step": record["step"], "seconds": record["train_seconds"],
+                                      "tflop": record["student_tflop"], **record["eval"]}
+    return [points[step] for step in sorted(points)]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, math.sqrt(var)
+
+
+def aggregate(curves: dict[int, list[dict]]) -> list[dict]:
+    """Per eval point, over seeds: mean seconds and TFLOP, mean and spread of top-1 and top-5."""
+    length = min(len(c) for c in curves.values())
+    rows = []
+    for i in range(length):
+        at = [c[i] for c in curves.values()]
+        row = {key: mean_std([p[key] for p in at])[0] for key in ("step", "seconds", "tflop")}
+        for key in ("top1", "top5"):
+            row[key], row[f"{key}_std"] = mean_std([p[key] for p in at])
+        rows.append(row)
+    return rows
+
+
+def collect(study: Path, names: tuple[str, ...], seeds: int) -> dict:
+    """study.json's content: every finished run's curve, and per name the aggregate over its seeds."""
+    result = {"runs": {}, "teacher_zeroshot": None}
+    for name in names:
+        curves = {}
+        for seed in range(seeds):
+            folder = run_folder(study, name, seed)
+            if (folder / "summary.json").is_file():
+                curves[seed] = curve(folder)
+                result["teacher_zeroshot"] = json.loads((folder / "summary.json").read_text())["teacher_zeroshot"]
+        if curves:
+            result["runs"][name] = {"title": RUNS[name][1], "seeds": curves, "mean": aggregate(curves)}
+    return result
+
+
+# ---- the report
+
+
+def table(result: dict, names: tuple[str, ...], title: str) -> str:
+    """Markdown: top-1 (mean ± sd over seeds) at every eval point, with the seconds and TFLOP spent there."""
+    names = [n for n in names if n in result["runs"]]
+    if not names:
+        return ""
+    points = max(len(result["runs"][n]["mean"]) for n in names)
+    lines = [f"### {title}", "", "| student | seeds | " + " | ".join(f"point {i + 1}" for i in range(points))
+             + " | steps |", "|---|---|" + "---|" * (points + 1)]
+    for name in names:
+        run = result["runs"][name]
+        cells = [f"{p['top1']:.3f} ± {p['top1_std']:.3f} ({p['seconds']:.0f} s, {p['tflop']:.2f} TFLOP)"
+                 for p in run["mean"]]
+        cells += [""] * (points - len(cells))
+        steps = run["mean"][-1]["step"] if run["mean"] else 0
+        lines.append(f"| {run['title']} | {len(run['seeds'])} | " + " | ".join(cells) + f" | {steps:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, names: tuple[str, ...], title: str, path: Path) -> None:
+    """Top-1 against training seconds and against student TFLOP: mean over seeds, bars = sd."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in (n for n in names if n in result["runs"]):
+        rows = result["runs"][name]["mean"]
+        for ax, x in zip(axes, ("seconds", "tflop"), strict=True):
+            ax.errorbar([r[x] for r in rows], [r["top1"] for r in rows], yerr=[r["top1_std"] for r in rows],
+                        marker="o", capsize=3, label=name)
+    teacher = result["teacher_zeroshot"]
+    for ax, label in zip(axes, ("training seconds", "student TFLOP (forward + backward)"), strict=True):
+        if teacher:
+            ax.axhline(teacher["top1"], color="grey", linestyle="--", label="teacher")
+        ax.set_xlabel(label)
+        ax.set_ylabel("zero-shot top-1")
+        ax.legend(fontsize="x-small")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure_atomic(fig, path)
+
+
+def write_report(study: Path, profile_name: str, profile: StudyProfile, result: dict) -> str:
+    plots = study / "plots"
+    sections = [f"# llava-uta-study ({profile_name} profile)", "",
+                f"Budget per run: {f'{profile.seconds:g} s of training' if profile.seconds else ''}"
+                f"{' (at most ' if profile.seconds else ''}{profile.steps} steps{')' if profile.seconds else ''}, "
+                f"batch {profile.batch}, zero-shot top-1 at {profile.eval_points} points; mean ± sd over seeds."]
+    if result["teacher_zeroshot"]:
+        sections.append(f"Teacher CLIP zero-shot top-1: {result['teacher_zeroshot']['top1']:.3f}.")
+    for names, title, plot_name in ((OBJECTIVES, "Objectives at equal wall-clock", "study-objectives.png"),
+                                    (MASKING, "Masking (UTA)", "study-masking.png")):
+        text = table(result, names, title)
+        if text:
+            plot(result, names, title, plots / plot_name)
+            sections += ["", text, f"![{title}](plots/{plot_name})"]
+    for kind in ("reversed_block", "reversed_block_rolled"):
+        out = plots / f"keep-frequency-{kind}.png"
+        if not out.exists():
+            render_masks(KeepIndexGenerator(GRID, RECIPE.mask_ratio, kind, seed=0), out, samples=6, draws=1000)
+        sections.append(f"![keep frequency, {kind}](plots/keep-frequency-{kind}.png)")
+    text = "\n".join(sections) + "\n"
+    write_text_atomic(study / "study.md", text)
+    write_json_atomic(study / "study.json", {"profile": {"name": profile_name, **asdict(profile)}, **result})
+    return text
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="llava-uta-study", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="default")
+    parser.add_argument("--data", type=Path, default=Path("playground/data/shapes"), help="the quickstart's world")
+    parser.add_argument("--runs", type=Path, default=Path("runs/shapes"),
+                        help="the quickstart's runs folder (its teacher); the study writes RUNS/study")
+    parser.add_argument("--only", nargs="+", choices=list(RUNS), help="these runs instead of the profile's")
+    parser.add_argument("--seeds", type=int, help="seeds 0..N-1 instead of the profile's")
+    parser.add_argument("--cache-views", type=int, default=0,
+                        help="read N fixed views per image from RUNS/teacher-cache (0: the teacher runs live)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(argv)
+    profile = PROFILES[args.profile]
+    profile = replace(profile, runs=tuple(args.only or profile.runs), seeds=args.seeds or profile.seeds)
+    paths = Layout(args.data, args.runs)
+    if not (paths.teacher / "open_clip_config.json").is_file():
+        raise SystemExit(f"llava-uta-study: no teacher CLIP in {paths.teacher}: run llava-uta-quickstart (make demo) "
+                         "with the same --data and --runs first")
+    study = args.runs / "study" / args.profile
+    wanted = {key: value for key, value in asdict(profile).items() if key not in ("runs", "seeds")}
+    wanted["cache_views"] = args.cache_views
+    record = study / "budget.json"
+    if record.is_file() and json.loads(record.read_text()) != wanted:
+        raise SystemExit(f"llava-uta-study: {study} holds runs with other budgets ({record}): delete it to start over")
+    study.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(record, wanted)
+    todo = [(name, seed) for seed in range(profile.seeds) for name in profile.runs]
+    for i, (name, seed) in enumerate(todo, 1):
+        header = f"[{i}/{len(todo)}] {RUNS[name][1]}, seed {seed}"
+        if (run_folder(study, name, seed) / "summary.json").is_file():
+            print(f"{header}: done", flush=True)
+            continue
+        print(f"{header} ...", flush=True)
+        train(paths, study, profile, name, seed, args.cache_views)
+    text = write_report(study, args.profile, profile, collect(study, profile.runs, profile.seeds))
+    print("\n" + text, end="")
+    print(f"results: {study / 'study.md'} (plots in {study / 'plots'})")
+    return text
+
+
+if __name__ == "__main__":
+    main()
