@@ -18,8 +18,9 @@ objective's seconds) unless `--cache-views N` reads N fixed views per image from
     llava-uta-study --profile long                     # 10 minutes per run, one seed, objectives only
     llava-uta-study --only uta fd --seeds 2            # a subset
 
-Runs already finished are skipped (an interrupted run resumes), so a rerun only redraws the table and plots:
-RUNS/study/study.md, study.json and plots/.
+Runs already finished are skipped (an interrupted run resumes), so a rerun only redraws the table and plots,
+which hold every finished run of the study folder, whichever command trained it: RUNS/study/PROFILE/study.md,
+study.json and plots/.
 """
 
 from __future__ import annotations
@@ -124,16 +125,15 @@ def aggregate(curves: dict[int, list[dict]]) -> list[dict]:
     return rows
 
 
-def collect(study: Path, names: tuple[str, ...], seeds: int) -> dict:
-    """study.json's content: every finished run's curve, and per name the aggregate over its seeds."""
+def collect(study: Path) -> dict:
+    """study.json's content: the curve of every finished run in the study folder (whichever command ran it), and
+    per run name the aggregate over its seeds."""
     result = {"runs": {}, "teacher_zeroshot": None}
-    for name in names:
+    for name in RUNS:
         curves = {}
-        for seed in range(seeds):
-            folder = run_folder(study, name, seed)
-            if (folder / "summary.json").is_file():
-                curves[seed] = curve(folder)
-                result["teacher_zeroshot"] = json.loads((folder / "summary.json").read_text())["teacher_zeroshot"]
+        for summary in sorted((study / name).glob("seed*/summary.json"), key=lambda p: int(p.parent.name[4:])):
+            curves[int(summary.parent.name[4:])] = curve(summary.parent)
+            result["teacher_zeroshot"] = json.loads(summary.read_text())["teacher_zeroshot"]
         if curves:
             result["runs"][name] = {"title": RUNS[name][1], "seeds": curves, "mean": aggregate(curves)}
     return result
@@ -224,7 +224,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> str:
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     profile = PROFILES[args.profile]
     profile = replace(profile, runs=tuple(args.only or profile.runs), seeds=args.seeds or profile.seeds)
@@ -248,10 +248,9 @@ def main(argv: list[str] | None = None) -> str:
             continue
         print(f"{header} ...", flush=True)
         train(paths, study, profile, name, seed, args.cache_views)
-    text = write_report(study, args.profile, profile, collect(study, profile.runs, profile.seeds))
+    text = write_report(study, args.profile, profile, collect(study))
     print("\n" + text, end="")
     print(f"results: {study / 'study.md'} (plots in {study / 'plots'})")
-    return text
 
 
 if __name__ == "__main__":
