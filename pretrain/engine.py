@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from llava_uta.eval.zeroshot import ZeroShotProbe
@@ -31,6 +30,7 @@ from llava_uta.model.openclip_loader import create_openclip, openclip_tokenizer
 from llava_uta.model.uta_vit import UTAViT, build_uta_vit
 from pretrain.data import EpochSampler, MaskedViews, image_source, train_transform
 from pretrain.loop import (
+    EpochLoader,
     RunArguments,
     RunLogger,
     StepCheckpoints,
@@ -111,7 +111,7 @@ class PretrainArguments(RunArguments):
         check_mask_pairing(self.mask_pairing, self.masks_per_view, mask_ratio=self.mask_ratio)
 
 
-class Pretrainer:
+class Pretrainer(EpochLoader):
     def __init__(self, args: PretrainArguments):
         self.objective = get_objective(args.objective)
         self.args = args
@@ -188,15 +188,6 @@ class Pretrainer:
             cache.build(self.dataset, self.teacher, self.grid, args.cache_views, description, self.device,
                         rank=self.rank, world=self.world)
         return cache
-
-    def loader(self, epoch: int, start: int) -> DataLoader:
-        self.dataset.set_epoch(epoch)
-        self.sampler.set_epoch(epoch, start)
-        # its own generator: creating a loader must not advance the global RNG (drop path), or resume drifts
-        generator = torch.Generator().manual_seed(self.args.seed + epoch)
-        return DataLoader(self.dataset, batch_size=self.args.micro_batch_size, sampler=self.sampler,
-                          num_workers=self.args.workers, drop_last=True, generator=generator,
-                          pin_memory=self.device.type == "cuda")
 
     # ---- one optimizer step
 
@@ -287,8 +278,9 @@ class Pretrainer:
         budget = self.args.max_train_seconds
         return self.train_seconds / budget if budget else self.step / self.total_steps
 
-    def eval_due(self) -> bool:
-        """Whether another of the --eval_points is reached (at most one eval per step; the last at the end)."""
+    def take_eval_point(self) -> bool:
+        """Whether another of the --eval_points is reached, marking it taken (at most one per step; the last at the
+        end)."""
         points = self.args.eval_points
         reached = points if self.finished() else min(points, math.floor(self.budget_spent() * points))
         if reached <= self.evals_done:
@@ -335,8 +327,8 @@ class Pretrainer:
                 logger.log({"step": self.step, "loss": loss, **stats, "lr": self.optimizer.param_groups[0]["lr"],
                             "grad_norm": grad_norm, **self.throughput(tokens * self.world, seconds, teacher_s)},
                            every=args.log_every)
-                every = args.eval_every and self.step % args.eval_every == 0
-                if self.probe and (self.eval_due() or every):
+                point = self.take_eval_point()
+                if self.probe and (point or (args.eval_every and self.step % args.eval_every == 0)):
                     last_eval = self.step, self.probe.evaluate(self.unwrapped)
                     logger.log_eval(self.step, last_eval[1], train_seconds=self.train_seconds,
                                     student_tflop=self.student_flop / 1e12)

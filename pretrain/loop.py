@@ -214,23 +214,30 @@ class RunLogger:
             self.tb.close()
 
 
-class StepTrainer:
-    """The optimizer-step loop the fine-tuners share: resumable epochs of micro-batches, logs, checkpoints.
+class EpochLoader:
+    """The DataLoader of every training loop here: resumable epochs of micro-batches.
 
-    A subclass sets `args` (a RunArguments with batch_size and micro_batch_size), `dataset` (with set_epoch),
-    `sampler` (an EpochSampler), `device`, `rank`, `world`, `out`, `optimizer`, `scheduler`, `checkpoints`, `accum`,
-    `steps_per_epoch`, `total_steps`, `step` and `train_seconds`, and defines `train_step(micro_batches) -> loss`,
-    `optimizer_step() -> grad norm`, `save_weights(folder)` (called on every rank) and `load_weights(folder)`.
-    """
+    The user sets `args` (RunArguments with micro_batch_size), `dataset` (with set_epoch), `sampler` (an EpochSampler)
+    and `device`."""
 
     def loader(self, epoch: int, start: int) -> DataLoader:
         """Epoch `epoch`'s micro-batches from this rank's sample `start` on (augmentations are seeded per sample)."""
         self.dataset.set_epoch(epoch)
         self.sampler.set_epoch(epoch, start)
-        generator = torch.Generator().manual_seed(self.args.seed + epoch)  # leaves the global RNG (drop path) alone
+        # its own generator: creating a loader must not advance the global RNG (drop path), or resume drifts
+        generator = torch.Generator().manual_seed(self.args.seed + epoch)
         return DataLoader(self.dataset, batch_size=self.args.micro_batch_size, sampler=self.sampler,
                           num_workers=self.args.workers, drop_last=True, generator=generator,
                           pin_memory=self.device.type == "cuda")
+
+
+class StepTrainer(EpochLoader):
+    """The optimizer-step loop the fine-tuners share: resumable epochs of micro-batches, logs, checkpoints.
+
+    A subclass sets what EpochLoader needs and `rank`, `world`, `out`, `optimizer`, `scheduler`, `checkpoints`, `accum`,
+    `steps_per_epoch`, `total_steps`, `step` and `train_seconds`, and defines `train_step(micro_batches) -> loss`,
+    `optimizer_step() -> grad norm`, `save_weights(folder)` (called on every rank) and `load_weights(folder)`.
+    """
 
     def save_checkpoint(self) -> Path:
         state = {"step": self.step, "train_seconds": self.train_seconds, "scheduler": self.scheduler.state_dict()}

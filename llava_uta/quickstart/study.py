@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -105,22 +105,14 @@ def curve(folder: Path) -> list[dict]:
     return [points[step] for step in sorted(points)]
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return mean, math.sqrt(var)
-
-
 def aggregate(curves: dict[int, list[dict]]) -> list[dict]:
-    """Per eval point, over seeds: mean seconds and TFLOP, mean and spread of top-1 and top-5."""
-    length = min(len(c) for c in curves.values())
+    """Per eval point, over seeds: mean seconds and TFLOP, mean and sample sd of top-1 and top-5 (sd 0 for one)."""
     rows = []
-    for i in range(length):
+    for i in range(min(len(c) for c in curves.values())):
         at = [c[i] for c in curves.values()]
-        row = {key: mean_std([p[key] for p in at])[0] for key in ("step", "seconds", "tflop")}
+        row = {key: statistics.fmean(p[key] for p in at) for key in ("step", "seconds", "tflop", "top1", "top5")}
         for key in ("top1", "top5"):
-            row[key], row[f"{key}_std"] = mean_std([p[key] for p in at])
+            row[f"{key}_std"] = statistics.stdev(p[key] for p in at) if len(at) > 1 else 0.0
         rows.append(row)
     return rows
 
@@ -187,10 +179,11 @@ def plot(result: dict, names: tuple[str, ...], title: str, path: Path) -> None:
 
 def write_report(study: Path, profile_name: str, profile: StudyProfile, result: dict) -> str:
     plots = study / "plots"
+    budget = f"{profile.seconds:g} s of training (at most {profile.steps} steps)" if profile.seconds else \
+        f"{profile.steps} steps"
     sections = [f"# llava-uta-study ({profile_name} profile)", "",
-                f"Budget per run: {f'{profile.seconds:g} s of training' if profile.seconds else ''}"
-                f"{' (at most ' if profile.seconds else ''}{profile.steps} steps{')' if profile.seconds else ''}, "
-                f"batch {profile.batch}, zero-shot top-1 at {profile.eval_points} points; mean ± sd over seeds."]
+                f"Budget per run: {budget}, batch {profile.batch}, zero-shot top-1 at {profile.eval_points} points; "
+                "mean ± sd over seeds."]
     if result["teacher_zeroshot"]:
         sections.append(f"Teacher CLIP zero-shot top-1: {result['teacher_zeroshot']['top1']:.3f}.")
     for names, title, plot_name in ((OBJECTIVES, "Objectives at equal wall-clock", "study-objectives.png"),
