@@ -14,8 +14,8 @@ from llava_uta.constants import DEFAULT_IMAGE_TOKEN
 from llava_uta.data.shapes import ShapesWorldConfig, build
 from llava_uta.data.shapes import language as lang
 from llava_uta.data.shapes.__main__ import main as shapes_main
-from llava_uta.data.shapes.scene import COLORS, SHAPES, largest_object, scene_key
-from llava_uta.data.shapes.writer import BENCH_DIR, GROUNDING_DIR
+from llava_uta.data.shapes.scene import COLORS, SHAPES, largest_object, sample_scene, scene_key
+from llava_uta.data.shapes.writer import BENCH_DIR, GROUNDING_DIR, sample_scene_groups
 
 SMALL = dict(num_clip=80, num_pretrain=80, num_zeroshot_per_class=2, num_stage1=40, num_stage2=60,
              num_bench_images=30, questions_per_bench_image=2, num_grounding_images=12)
@@ -77,10 +77,11 @@ def test_ground_truth_matches_pixels(world):
         for obj in scene["objects"]:
             x, y = (int(v) for v in obj["center"])
             assert tuple(pixels[y, x]) == COLORS[obj["color"]], (scene["image"], obj)
-        empty = [(r, c) for r in range(3) for c in range(3)
+        n = scene["grid"]
+        empty = [(r, c) for r in range(n) for c in range(n)
                  if not any((o["row"], o["col"]) == (r, c) for o in scene["objects"])]
         for r, c in empty:  # an empty cell shows only background (dark, never an object colour)
-            centre = pixels[int((r + 0.5) * 64 / 3), int((c + 0.5) * 64 / 3)]
+            centre = pixels[int((r + 0.5) * 64 / n), int((c + 0.5) * 64 / n)]
             assert centre.max() < 100
 
 
@@ -192,7 +193,7 @@ def test_grounding_split_is_held_out_and_asks_every_kind(world):
     assert len(held_out) > 1 and not held_out & {scene_key(s) for s in training}
 
 
-SCENE = {"objects": [
+SCENE = {"grid": 3, "objects": [
     {"shape": "circle", "color": "red", "size": "large", "row": 0, "col": 0, "position": "top left"},
     {"shape": "circle", "color": "red", "size": "small", "row": 2, "col": 2, "position": "bottom right"},
     {"shape": "square", "color": "blue", "size": "small", "row": 1, "col": 2, "position": "right"},
@@ -233,3 +234,40 @@ def test_clip_rows_come_in_groups_of_shape_variants(world):
         layouts = {tuple((o["row"], o["col"], o["color"], o["size"]) for o in s["objects"]) for s in members}
         assert len(layouts) == 1  # same cells, colours and sizes ...
         assert len({scene_key(s) for s in members}) == group  # ... but every member has other shapes
+
+
+@pytest.mark.parametrize("grid,positions", [
+    (2, {"top left", "top right", "bottom left", "bottom right"}),
+    (3, {"top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"}),
+])
+def test_the_grid_sets_cells_names_and_object_sizes(grid, positions):
+    rng = random.Random(0)
+    scenes = [sample_scene(rng, 64, grid=grid) for _ in range(300)]
+    objects = [o for s in scenes for o in s["objects"]]
+    assert {o["position"] for o in objects} == positions
+    assert all(s["grid"] == grid and len(s["objects"]) <= 4 for s in scenes)
+    # a large object's radius is 48 % of its cell: 10.24 px on the 3x3 grid, 15.36 px on the 2x2 one
+    assert {o["radius"] for o in objects} == {round(0.48 * 64 / grid, 2), round(0.33 * 64 / grid, 2)}
+    for o in objects:  # every object stays inside its cell
+        x0, y0, x1, y1 = o["bbox"]
+        side = 64 / grid
+        assert o["col"] * side <= x0 and x1 <= (o["col"] + 1) * side
+        assert o["row"] * side <= y0 and y1 <= (o["row"] + 1) * side
+    rows = {"top", "bottom"} if grid == 2 else {"top", "middle", "bottom"}
+    for _ in range(50):  # the relation explanations name the scene's own rows and columns
+        scene = next(s for s in scenes if len(s["objects"]) > 1)
+        answer = lang.ask_relation(scene, rng).answer
+        assert grid == 3 or "middle" not in answer and "center" not in answer
+        if " row " in answer:
+            assert set(answer.split(" row")[0].split()) & rows
+
+
+def test_clip_single_percent_sets_the_share_of_one_object_groups():
+    for percent, low, high in ((0, 0.0, 0.0), (75, 0.68, 0.82), (100, 1.0, 1.0)):
+        scenes = sample_scene_groups(random.Random(0), 1600, 64, 2, set(), 4, percent)
+        singles = [len(scenes[i]["objects"]) == 1 for i in range(0, len(scenes), 4)]
+        assert low <= sum(singles) / len(singles) <= high, percent
+    for bad, match in ((dict(grid=4), "grid must be one of"), (dict(clip_single_percent=101), "0..100"),
+                       (dict(clip_group_size=7), "cannot exceed the 6 shape variants")):
+        with pytest.raises(ValueError, match=match):
+            ShapesWorldConfig(**bad).validate()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from llava_uta.data.shapes.scene import PLURALS
+from llava_uta.data.shapes.scene import COLS, PLURALS, ROWS
 
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CAPTION_PREFIXES = ("", "", "a photo of ", "a picture of ", "an image of ", "a drawing of ", "a rendering of ")
@@ -214,7 +214,6 @@ RELATIONS = {  # name: (question phrase, test on (a, b), axis used in the explan
     "left": ("to the left of", lambda a, b: a["col"] < b["col"], "col"),
     "right": ("to the right of", lambda a, b: a["col"] > b["col"], "col"),
 }
-AXIS_NAMES = {"row": ("top", "middle", "bottom"), "col": ("left", "center", "right")}
 
 
 def ask_relation(scene: dict, rng: random.Random) -> QA:
@@ -222,7 +221,7 @@ def ask_relation(scene: dict, rng: random.Random) -> QA:
     phrase, test, axis = RELATIONS[rng.choice(list(RELATIONS))]
     da, db = describe(a, scene), describe(b, scene)
     yes = test(a, b)
-    names = AXIS_NAMES[axis]
+    names = (ROWS if axis == "row" else COLS)[scene["grid"]]
     kind = "row" if axis == "row" else "column"
     why = f"the {da} is in the {names[a[axis]]} {kind} and the {db} is in the {names[b[axis]]} {kind}"
     q = rng.choice(("Is the {a} {p} the {b}?", "Would you say the {a} is {p} the {b}?")).format(a=da, p=phrase, b=db)

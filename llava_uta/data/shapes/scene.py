@@ -1,7 +1,7 @@
 """ShapesWorld scenes: sampling scene graphs and rendering them with Pillow.
 
-A scene is 1-4 solid objects in distinct cells of a 3x3 grid (so they never overlap) on a dark,
-noisy background. The scene graph (a plain dict) is the ground truth for every caption, question
+A scene is 1-4 solid objects in distinct cells of a square grid (2x2 or 3x3; so they never overlap) on a
+dark, noisy background. The scene graph (a plain dict) is the ground truth for every caption, question
 and answer made from the image.
 """
 
@@ -33,31 +33,34 @@ COLORS = {
     "cyan": (40, 220, 230),
 }
 SIZES = ("large", "small")
-RADIUS = {"large": 0.16, "small": 0.11}  # fraction of the image side; a cell is 1/3 of it
-ROWS = ("top", "middle", "bottom")
-COLS = ("left", "center", "right")
+RADIUS = {"large": 0.48, "small": 0.33}  # fraction of a grid cell's side (a large object nearly fills its cell)
+GRIDS = (2, 3)  # cells per side
+ROWS = {2: ("top", "bottom"), 3: ("top", "middle", "bottom")}
+COLS = {2: ("left", "right"), 3: ("left", "center", "right")}
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased edges, exact colours inside objects
 
 
-def position_name(row: int, col: int) -> str:
-    """Name of a 3x3 grid cell: 'top left', 'top', 'center', 'right', ..."""
-    if row == 1 and col == 1:
+def position_name(row: int, col: int, grid: int = 3) -> str:
+    """Name of a grid cell: 'top left', 'top', 'center', 'right', ... (2x2: the four corners only)."""
+    rows, cols = ROWS[grid], COLS[grid]
+    if rows[row] == "middle" and cols[col] == "center":
         return "center"
-    if row == 1:
-        return COLS[col]
-    if col == 1:
-        return ROWS[row]
-    return f"{ROWS[row]} {COLS[col]}"
+    if rows[row] == "middle":
+        return cols[col]
+    if cols[col] == "center":
+        return rows[row]
+    return f"{rows[row]} {cols[col]}"
 
 
 def sample_object(
-    rng: random.Random, cell: int, image_size: int, color: str | None = None, shape: str | None = None
+    rng: random.Random, cell: int, image_size: int, color: str | None = None, shape: str | None = None,
+    grid: int = 3,
 ) -> dict:
-    """One object in grid cell `cell` (0..8, row-major), with a small jitter that keeps it in its cell."""
-    row, col = divmod(cell, 3)
+    """One object in grid cell `cell` (row-major), with a small jitter that keeps it in its cell."""
+    row, col = divmod(cell, grid)
     size = rng.choice(SIZES)
-    radius = RADIUS[size] * image_size
-    side = image_size / 3
+    side = image_size / grid
+    radius = RADIUS[size] * side
     jitter = max(0.0, side / 2 - radius - 0.02 * image_size)
     cx = (col + 0.5) * side + rng.uniform(-jitter, jitter)
     cy = (row + 0.5) * side + rng.uniform(-jitter, jitter)
@@ -67,7 +70,7 @@ def sample_object(
         "size": size,
         "row": row,
         "col": col,
-        "position": position_name(row, col),
+        "position": position_name(row, col, grid),
         "center": [round(cx, 2), round(cy, 2)],
         "radius": round(radius, 2),
         "bbox": [round(cx - radius, 2), round(cy - radius, 2), round(cx + radius, 2), round(cy + radius, 2)],
@@ -81,19 +84,24 @@ def sample_scene(
     same_color_prob: float = 0.3,
     color: str | None = None,
     shape: str | None = None,
+    grid: int = 3,
 ) -> dict:
-    """A scene graph with 1-4 objects (weighted towards few, so shape is often what tells scenes apart).
+    """A scene graph with 1-4 objects on a `grid` x `grid` grid (weighted towards few, so shape is often what
+    tells scenes apart).
 
     Several objects share one colour with probability `same_color_prob`; `color` / `shape` fix them for all.
     """
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS}, got {grid}")
     n = num_objects or rng.choices((1, 2, 3, 4), weights=(0.35, 0.25, 0.2, 0.2))[0]
-    cells = sorted(rng.sample(range(9), n))
+    cells = sorted(rng.sample(range(grid * grid), n))
     if color is None and n > 1 and rng.random() < same_color_prob:
         color = rng.choice(list(COLORS))
-    objects = [sample_object(rng, c, image_size, color=color, shape=shape) for c in cells]
+    objects = [sample_object(rng, c, image_size, color=color, shape=shape, grid=grid) for c in cells]
     return {
         "width": image_size,
         "height": image_size,
+        "grid": grid,
         "background": [rng.randint(0, 70) for _ in range(3)],
         "noise_seed": rng.getrandbits(32),
         "objects": objects,

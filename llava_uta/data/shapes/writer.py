@@ -11,10 +11,10 @@ from pathlib import Path
 
 from llava_uta.constants import DEFAULT_IMAGE_TOKEN
 from llava_uta.data.shapes import language as lang
-from llava_uta.data.shapes.scene import COLORS, SHAPES, largest_object, render, sample_scene, scene_key, shape_variants
+from llava_uta.data.shapes.scene import COLORS, GRIDS, SHAPES, largest_object, render, sample_scene, scene_key, shape_variants
 from llava_uta.io_utils import atomic_dir
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 BENCH_DIR = "eval/llava-bench-shapes"
 BENCH_CATEGORIES = ("conv", "detail", "complex")
 GROUNDING_DIR = "eval/grounding"
@@ -28,8 +28,10 @@ class ShapesWorldConfig:
 
     seed: int = 0
     image_size: int = 64
+    grid: int = 2  # objects sit in the cells of a grid x grid layout (2 or 3); fewer cells, larger objects
     num_clip: int = 20000  # image-caption pairs for training the teacher CLIP
     clip_group_size: int = 4  # consecutive CLIP rows differ only in shapes (hard negatives); 1 = independent
+    clip_single_percent: int = 75  # share of CLIP scenes with one object (the others have 2-4, equally often)
     num_pretrain: int = 20000  # unlabeled images for UTA pre-training (ImageFolder layout)
     num_zeroshot_per_class: int = 20  # single-object images per colour+shape class
     num_stage1: int = 10000  # LLaVA stage-1 caption samples (on the CLIP images)
@@ -41,6 +43,13 @@ class ShapesWorldConfig:
     def validate(self) -> None:
         if self.image_size < 32:
             raise ValueError(f"image_size must be at least 32 px, got {self.image_size}")
+        if self.grid not in GRIDS:
+            raise ValueError(f"grid must be one of {GRIDS}, got {self.grid}")
+        if not 0 <= self.clip_single_percent <= 100:
+            raise ValueError(f"clip_single_percent must be in 0..100, got {self.clip_single_percent}")
+        if self.clip_single_percent and self.clip_group_size > len(SHAPES):
+            raise ValueError(f"clip_group_size ({self.clip_group_size}) cannot exceed the {len(SHAPES)} shape variants "
+                             "of a one-object scene; lower it or set clip_single_percent to 0")
         for name in (
             "num_clip", "clip_group_size",
             "num_pretrain",
@@ -66,21 +75,26 @@ def split_rng(seed: int, split: str) -> random.Random:
     return random.Random(f"shapesworld-{seed}-{split}")
 
 
-def sample_unique_scenes(rng: random.Random, n: int, size: int, exclude: set, exclude_single: bool = False) -> list:
+def sample_unique_scenes(rng: random.Random, n: int, size: int, grid: int, exclude: set,
+                         exclude_single: bool = False) -> list:
     """`n` scenes whose keys are not in `exclude` (and, with exclude_single, have at least two objects)."""
     scenes = []
     while len(scenes) < n:
-        scene = sample_scene(rng, size, num_objects=rng.choice((2, 3, 4)) if exclude_single else None)
+        scene = sample_scene(rng, size, num_objects=rng.choice((2, 3, 4)) if exclude_single else None, grid=grid)
         if scene_key(scene) not in exclude:
             scenes.append(scene)
     return scenes
 
 
-def sample_scene_groups(rng: random.Random, n: int, size: int, exclude: set, group_size: int) -> list:
-    """`n` scenes in consecutive groups of `group_size` shape variants, none of them in `exclude`."""
+def sample_scene_groups(rng: random.Random, n: int, size: int, grid: int, exclude: set, group_size: int,
+                        single_percent: int) -> list:
+    """`n` scenes in consecutive groups of `group_size` shape variants, none of them in `exclude`; a group has
+    one object with probability `single_percent` %, else 2-4."""
     scenes = []
     while len(scenes) < n:
-        group = [s for s in shape_variants(sample_scene(rng, size), rng, group_size) if scene_key(s) not in exclude]
+        num_objects = 1 if rng.random() * 100 < single_percent else rng.choice((2, 3, 4))
+        scene = sample_scene(rng, size, num_objects=num_objects, grid=grid)
+        group = [s for s in shape_variants(scene, rng, group_size) if scene_key(s) not in exclude]
         if len(group) == group_size:
             scenes += group
     return scenes[:n]
@@ -221,21 +235,24 @@ def generate(cfg: ShapesWorldConfig, out: Path, workers: int = 2) -> dict[str, i
     `workers` rendering processes share the images; the output does not depend on their number.
     """
     cfg.validate()
-    size = cfg.image_size
+    size, grid = cfg.image_size, cfg.grid
 
     # The bench comes first: its scenes are excluded from every training split.
-    bench = sample_unique_scenes(split_rng(cfg.seed, "bench"), cfg.num_bench_images, size, set(), exclude_single=True)
+    bench = sample_unique_scenes(split_rng(cfg.seed, "bench"), cfg.num_bench_images, size, grid, set(),
+                                exclude_single=True)
     for i, s in enumerate(bench):
         s["image"] = f"{BENCH_DIR}/images/{i:03d}.png"
     bench_keys = {scene_key(s) for s in bench}
-    grounding = sample_unique_scenes(split_rng(cfg.seed, "grounding"), cfg.num_grounding_images, size, bench_keys)
+    grounding = sample_unique_scenes(split_rng(cfg.seed, "grounding"), cfg.num_grounding_images, size, grid,
+                                     bench_keys)
     for i, s in enumerate(grounding):
         s["image"] = f"{GROUNDING_DIR}/images/{i:03d}.png"
     bench_keys |= {scene_key(s) for s in grounding}  # no held-out scene appears in any training split
-    clip = sample_scene_groups(split_rng(cfg.seed, "clip"), cfg.num_clip, size, bench_keys, cfg.clip_group_size)
+    clip = sample_scene_groups(split_rng(cfg.seed, "clip"), cfg.num_clip, size, grid, bench_keys,
+                               cfg.clip_group_size, cfg.clip_single_percent)
     for i, s in enumerate(clip):
         s["image"] = f"clip/images/{i:06d}.png"
-    pretrain = sample_unique_scenes(split_rng(cfg.seed, "pretrain"), cfg.num_pretrain, size, bench_keys)
+    pretrain = sample_unique_scenes(split_rng(cfg.seed, "pretrain"), cfg.num_pretrain, size, grid, bench_keys)
     for i, s in enumerate(pretrain):
         top = largest_object(s)
         s["image"] = f"pretrain/train/{class_folder(top['color'], top['shape'])}/{i:06d}.png"
@@ -245,7 +262,7 @@ def generate(cfg: ShapesWorldConfig, out: Path, workers: int = 2) -> dict[str, i
     zeroshot = []
     for folder, color, shape in classes:
         for k in range(cfg.num_zeroshot_per_class):
-            scene = sample_scene(zs_rng, size, num_objects=1, color=color, shape=shape)
+            scene = sample_scene(zs_rng, size, num_objects=1, color=color, shape=shape, grid=grid)
             scene["image"] = f"zeroshot/val/{folder}/{k:04d}.png"
             zeroshot.append(scene)
 
