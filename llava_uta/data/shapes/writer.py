@@ -11,7 +11,16 @@ from pathlib import Path
 
 from llava_uta.constants import DEFAULT_IMAGE_TOKEN
 from llava_uta.data.shapes import language as lang
-from llava_uta.data.shapes.scene import COLORS, GRIDS, SHAPES, largest_object, render, sample_scene, scene_key, shape_variants
+from llava_uta.data.shapes.scene import (
+    COLORS,
+    GRIDS,
+    SHAPES,
+    largest_object,
+    render,
+    sample_scene,
+    scene_key,
+    shape_variants,
+)
 from llava_uta.io_utils import atomic_dir
 
 FORMAT_VERSION = 3
