@@ -1,8 +1,8 @@
 """Probe data: image lists and per-patch labels read from ShapesWorld scene graphs.
 
 Patch labels (`patch_labels`). ShapesWorld objects are solid shapes, one per grid cell (2x2 or 3x3), drawn from the
-scene graph (scene.py: a circle of radius r, or the polygon `_polygon` traces, around `center`). A tower with a g x g patch
-grid sees the (square) image resized to its input, so patch (row, col) covers the image square of side W/g at
+scene graph (scene.py: a circle of radius r, or the polygon `_polygon` traces, around `center`). A tower with a g x g
+patch grid sees the (square) image resized to its input, so patch (row, col) covers the image square of side W/g at
 (col*W/g, row*W/g). Two ways to pick labelled patches:
   covered  every patch whose centre lies inside an object gets that object's attributes; a patch whose centre is on
            the background is either left out or, with include_background, labelled "background";
