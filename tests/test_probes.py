@@ -20,6 +20,7 @@ from llava_uta.eval.probe.data import BACKGROUND, ProbeDataError, label_patches,
 from llava_uta.eval.probe.linear import fit_linear_probe, majority_chance
 from llava_uta.eval.probe.linprobe import main as linprobe_main
 from llava_uta.eval.probe.patchprobe import main as patchprobe_main
+from llava_uta.eval.probe.patchprobe import neighbourhoods
 from llava_uta.eval.probe.towers import load_tower, parse_tower
 from llava_uta.model.checkpoint import save_uta_vit
 from llava_uta.model.convert import convert
@@ -254,6 +255,33 @@ def test_patchprobe_cli_end_to_end(world, student, tmp_path):
     centers = json.loads((tmp_path / "c.json").read_text())
     assert centers["n_train_images"] == 20 and centers["n_test_images"] == 8
     assert centers["classes"]["color"][-1] == BACKGROUND
+
+    patchprobe_main(["--data", str(world), "--tower", f"uta={student}", "--patches", "centers", "--window", "3",
+                     "--attributes", "shape", "--max-train-images", "20", "--out", str(tmp_path / "w.json"), *COMMON])
+    windowed = json.loads((tmp_path / "w.json").read_text())
+    assert windowed["window"] == 3 and windowed["towers"][0]["feature_dim"] == 9 * saved["towers"][0]["feature_dim"]
+    assert "3x3 neighbourhood" in (tmp_path / "w.md").read_text()
+    with pytest.raises(SystemExit):
+        patchprobe_main(["--data", str(world), "--tower", str(student), "--window", "2",
+                         "--out", str(tmp_path / "x.json"), *COMMON])
+
+
+def test_neighbourhoods_are_the_tokens_around_each_patch_zero_beyond_the_edge():
+    grid, dim = 4, 2
+    tokens = torch.arange(2 * grid * grid * dim, dtype=torch.float).view(2, grid * grid, dim) + 1  # no token is 0
+    assert torch.equal(neighbourhoods(tokens, 1), tokens)
+    windows = neighbourhoods(tokens, 3)
+    assert windows.shape == (2, grid * grid, 9 * dim)
+    for b in range(2):
+        for row in range(grid):
+            for col in range(grid):
+                expected = []
+                for dr in (-1, 0, 1):
+                    for dc in (-1, 0, 1):
+                        r, c = row + dr, col + dc
+                        inside = 0 <= r < grid and 0 <= c < grid
+                        expected.append(tokens[b, r * grid + c] if inside else torch.zeros(dim))
+                assert torch.equal(windows[b, row * grid + col], torch.cat(expected))
 
 
 def test_patchprobe_names_missing_data(world, student, tmp_path):

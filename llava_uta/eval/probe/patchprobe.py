@@ -8,9 +8,12 @@ tokens a tower gives LLaVA?
 Patches are labelled from the scene graphs in DATA/scenes.jsonl (llava_uta/eval/probe/data.py): by default every
 patch whose centre lies inside an object carries that object's colour / shape / size and background patches are left
 out (`--patches centers`: only the patch at each object's centre; `--include-background`: background patches too,
-as one more class). Each tower (and with --random-init the same architecture with fresh seeded weights, the floor)
-encodes the images once; the patch tokens of --layer (default -2, the layer LLaVA feeds its projector) of the train
-images fit one linear probe per attribute (llava_uta/eval/probe/linear.py), scored on the held-out images. Train
+as one more class). `--window K` gives each labelled patch the K x K patch tokens around it, concatenated (zeros
+beyond the grid's edge): a single token shows a piece of an object, its neighbourhood shows the object's outline, so
+`--patches centers --window K` asks whether an object is readable from the tokens around it rather than from one.
+Each tower (and with --random-init the same architecture with fresh seeded weights, the floor) encodes the images
+once; the patch tokens of --layer (default -2, the layer LLaVA feeds its projector) of the train images fit one
+linear probe per attribute (llava_uta/eval/probe/linear.py), scored on the held-out images. Train
 images come from --train-dir (default pretrain/train, a random --max-train-images of them), test images from
 --test-dir (default the held-out grounding and LLaVA-Bench images, whose scenes no training split contains).
 Chance per attribute: always answering the most frequent training class. Writes OUT (JSON) and a markdown table
@@ -25,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from llava_uta.eval.probe.data import (
@@ -64,11 +68,27 @@ def select_scenes(scenes: list[dict], root: str, folders: list[str], limit: int,
     return selected
 
 
-def patch_selector(labels: PatchLabels) -> Selector:
-    """A selector keeping, for each image of the batch, the patch tokens `labels` holds labels for."""
+def neighbourhoods(patches: Tensor, window: int) -> Tensor:
+    """(B, g*g, D) row-major patch tokens -> (B, g*g, window*window*D): each token's window x window neighbourhood,
+    row-major, zeros beyond the grid's edge (window 1: the tokens themselves)."""
+    if window == 1:
+        return patches
+    batch, count, dim = patches.shape
+    grid = int(round(count**0.5))
+    if grid * grid != count:
+        raise ValueError(f"{count} patch tokens do not form a square grid")
+    image = patches.transpose(1, 2).reshape(batch, dim, grid, grid)
+    cols = F.unfold(image, window, padding=window // 2)  # (B, D * window^2, g*g), channel-major
+    return cols.view(batch, dim, window * window, count).permute(0, 3, 2, 1).reshape(batch, count, -1)
+
+
+def patch_selector(labels: PatchLabels, window: int = 1) -> Selector:
+    """A selector keeping, for each image of the batch, the patch tokens (or K x K neighbourhoods) `labels` holds
+    labels for."""
     def select(prefix: Tensor, patches: Tensor, indices: Tensor) -> Tensor:
-        rows = [patches[b, labels.patches[int(i)]] for b, i in enumerate(indices)]
-        return torch.cat(rows) if rows else patches.new_zeros(0, patches.shape[-1])
+        tokens = neighbourhoods(patches, window)
+        rows = [tokens[b, labels.patches[int(i)]] for b, i in enumerate(indices)]
+        return torch.cat(rows) if rows else tokens.new_zeros(0, tokens.shape[-1])
     return select
 
 
@@ -76,10 +96,11 @@ def patch_features(tower: FrozenTower, root: str, scenes: list[dict], labels: Pa
                    split: str) -> Tensor:
     """(labelled patches, D) tokens of `scenes` at --layer, in label order, extracted once (or read from the cache)."""
     files = [str(Path(root) / s["image"]) for s in scenes]
-    key = cache_key(tower, args.seed, {"layer": args.layer, "patches": labels.patches, "files": files})
+    key = cache_key(tower, args.seed, {"layer": args.layer, "patches": labels.patches, "window": args.window,
+                                       "files": files})
     dataset = ImageList(files, tower.transform())
     features = cached_features(args.cache_dir, key, lambda: extract_features(
-        tower, dataset, args.layer, patch_selector(labels), args.batch_size, args.workers, split))
+        tower, dataset, args.layer, patch_selector(labels, args.window), args.batch_size, args.workers, split))
     if len(features) != labels.count:
         raise RuntimeError(f"{tower.label}: {len(features)} patch features for {labels.count} labelled patches")
     return features
@@ -88,8 +109,10 @@ def patch_features(tower: FrozenTower, root: str, scenes: list[dict], labels: Pa
 def markdown_table(result: dict) -> str:
     """One row per tower (random-init twins last: the floor), accuracy in % per attribute, chance first."""
     attrs = result["attributes"]
+    window = result["window"]
     head = [f"Per-patch linear probes, layer {result['layer']}, patches: {result['patches']}"
-            + (" (+ background class)" if result["include_background"] else "") + ".", ""]
+            + (" (+ background class)" if result["include_background"] else "")
+            + (f", features: each patch's {window}x{window} neighbourhood of tokens" if window > 1 else "") + ".", ""]
     lines = head + ["| tower | " + " | ".join(attrs) + " |", "| --- |" + " ---: |" * len(attrs)]
     for grid, chance in result["chance"].items():
         cells = " | ".join(f"{100 * chance[a]:.1f}" for a in attrs)
@@ -118,11 +141,15 @@ def main(argv: list[str] | None = None) -> None:
                         "patch only")
     parser.add_argument("--include-background", action="store_true",
                         help="also label background patches, as class 'background' of every attribute")
+    parser.add_argument("--window", type=int, default=1, help="odd K: probe each labelled patch's K x K "
+                        "neighbourhood of tokens, concatenated (default 1: the patch token alone)")
     parser.add_argument("--attributes", nargs="+", choices=tuple(ATTRIBUTES), default=list(ATTRIBUTES))
     parser.add_argument("--out", required=True, help="results JSON")
     parser.add_argument("--table", help="markdown table (default: OUT with suffix .md)")
     add_tower_arguments(parser, default_layer=-2)
     args = parser.parse_args(argv)
+    if args.window < 1 or args.window % 2 == 0:
+        parser.error(f"--window must be an odd number >= 1 (a neighbourhood centred on the patch), got {args.window}")
     train_dirs = args.train_dir or list(DEFAULT_TRAIN_DIRS)
     test_dirs = args.test_dir or list(DEFAULT_TEST_DIRS)
 
@@ -135,8 +162,9 @@ def main(argv: list[str] | None = None) -> None:
 
     result = {"command": "llava-uta-patchprobe", "data": args.data, "train_dirs": train_dirs, "test_dirs": test_dirs,
               "n_train_images": len(train_scenes), "n_test_images": len(test_scenes), "layer": args.layer,
-              "patches": args.patches, "include_background": args.include_background, "attributes": args.attributes,
-              "seed": args.seed, "chance": {}, "patch_counts": {}, "classes": {}, "towers": []}
+              "patches": args.patches, "window": args.window, "include_background": args.include_background,
+              "attributes": args.attributes, "seed": args.seed, "chance": {}, "patch_counts": {}, "classes": {},
+              "towers": []}
     labels_by_grid: dict[int, tuple[PatchLabels, PatchLabels]] = {}
     for tower in iter_towers(args.tower, args.random_init, args.seed, args.device):
         grid = tower.grid_size
