@@ -23,6 +23,7 @@ Chance per attribute: always answering the most frequent training class. Writes 
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import time
 from pathlib import Path
@@ -74,7 +75,7 @@ def neighbourhoods(patches: Tensor, window: int) -> Tensor:
     if window == 1:
         return patches
     batch, count, dim = patches.shape
-    grid = int(round(count**0.5))
+    grid = math.isqrt(count)
     if grid * grid != count:
         raise ValueError(f"{count} patch tokens do not form a square grid")
     image = patches.transpose(1, 2).reshape(batch, dim, grid, grid)
