@@ -13,6 +13,12 @@ groups and their worker threads stay alive as long as anything (DeepSpeed's engi
 them, i.e. until the interpreter exits; a barrier before it narrows the window but does not close it (the barrier's
 own work object keeps the earlier collectives alive and is released by a worker thread after the barrier returns).
 So a launched rank ends its process without finalization once its outputs are written (`end_process_group`).
+
+Shared memory (CPU ranks): when every rank runs on one machine, DeepSpeed's CPU accelerator gives each rank a named
+shared-memory all-reduce buffer (`/dev/shm/deepspeed_allreduce_buffer_UID_ADDR_PORT_RANK`, 66 MiB each), maps every
+other rank's buffer while the backend starts, and never unlinks the names: every run would leave one buffer per rank
+in RAM until reboot (hundreds of runs filled a 24 GiB machine's memory). Once every rank has passed a barrier, all
+buffers are mapped, so each rank unlinks its own name right away; the mappings stay valid until the process ends.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -30,6 +37,15 @@ def init_distributed() -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if not torch.cuda.is_available():
+        dist.barrier()  # every rank has mapped every rank's buffer: the names are no longer needed
+        shm_buffer_path(dist.get_rank()).unlink(missing_ok=True)
+
+
+def shm_buffer_path(rank: int) -> Path:
+    """Where DeepSpeed's CPU shared-memory all-reduce keeps `rank`'s buffer in this run (see the module doc)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
 
 
 def end_process_group() -> None:

@@ -210,10 +210,14 @@ def _free_port() -> int:
 def _deepspeed(target: list[str], args: list[str]) -> None:
     """Launch on 2 CPU ranks as the docs do; target: ["--module", "llava_uta.train"] or a script and its flags."""
     launcher = Path(sys.executable).parent / "deepspeed"
-    command = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), *target, *args]
+    port = _free_port()
+    command = [str(launcher), "--num_gpus", "2", "--master_port", str(port), *target, *args]
     env = {**os.environ, "PATH": f"{launcher.parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # DeepSpeed's shared-memory all-reduce buffers (one per rank) must not outlive the run
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+    assert not left, f"the run left {[p.name for p in left]} in /dev/shm"
 
 
 def _trainer_state(out: Path) -> tuple[int, list[float]]:
