@@ -55,6 +55,8 @@ class PretrainArguments(RunArguments):
     teacher_pretrained: str | None = field(default=None, metadata={
         "help": "local teacher weights file, open_clip or EVA-CLIP layout (e.g. BAAI's EVA01_CLIP_g_14_plus .pt)"})
     teacher_precision: str = field(default="fp32", metadata={"help": "fp32 | bf16 | fp16"})
+    compile_teacher: bool = field(default=False, metadata={
+        "help": "torch.compile the teacher's forward (its first batch of each shape compiles; pays at scale)"})
     model: str = field(default="uta_b14_224", metadata={"help": "student config name (UTA_VIT_CONFIGS)"})
     image_size: int | None = field(default=None, metadata={"help": "override the student's image size"})
     objective: str = field(default="uta", metadata={"help": f"one of {tuple(OBJECTIVES)}"})
@@ -128,6 +130,8 @@ class Pretrainer(EpochLoader):
             self.probe.set_text_tower(clip.to(self.device), openclip_tokenizer(args.teacher))
             self.teacher_zeroshot = self.probe.evaluate(clip)
         self.teacher = CLIPTeacher.from_clip(clip, args.teacher_precision).to(self.device)
+        if args.compile_teacher:
+            self.teacher.compile_encoder()
         del clip  # the text tower is no longer needed
         overrides = {"img_size": args.image_size} if args.image_size else {}
         student = build_uta_vit(args.model, drop_path_rate=args.drop_path, use_mask_token=self.objective.mask_token,
@@ -199,6 +203,8 @@ class Pretrainer(EpochLoader):
         images, keep = images.to(self.device, non_blocking=True), keep.to(self.device, non_blocking=True)
         start = time.perf_counter()
         targets = self.teacher(images, self.grid) if cached is None else cached.to(self.device).float()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # kernels run asynchronously: time the teacher's, not their launch
         teacher_seconds = time.perf_counter() - start
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16)
         model = self.unwrapped

@@ -323,3 +323,9 @@ def test_fp8_teacher_cache_trains_like_the_fp16_one(world, teacher_dir, tmp_path
     assert sizes["fp8"] < 0.6 * sizes["fp16"]
     losses = {e: runs[e].train()["final_loss"] for e in runs}
     assert losses["fp8"] == pytest.approx(losses["fp16"], abs=2e-3)
+
+
+def test_a_compiled_teacher_trains_like_the_eager_one(world, teacher_dir, tmp_path):
+    losses = {compiled: Pretrainer(engine_args(world, teacher_dir, tmp_path / str(compiled), compile_teacher=compiled,
+                                               drop_path=0.0)).train()["final_loss"] for compiled in (False, True)}
+    assert losses[True] == pytest.approx(losses[False], abs=1e-4)

@@ -153,8 +153,9 @@ def test_probes_and_classification_set_each_tower_against_its_random_init_floor(
 
 def test_study_draws_curves_over_seeds_from_the_quickstart_teacher(run, capsys):
     paths, _ = run
-    names = ["uta", "fd"]
-    argv = ["--profile", "fast", "--data", str(paths.data), "--runs", str(paths.runs), "--only", *names]
+    names = ["uta", "fd", "uta-m2"]
+    base = ["--profile", "fast", "--data", str(paths.data), "--runs", str(paths.runs)]
+    argv = [*base, "--only", *names]
     study.main(argv)
     out = paths.runs / "study" / "fast"
     text = (out / "study.md").read_text()
@@ -178,11 +179,15 @@ def test_study_draws_curves_over_seeds_from_the_quickstart_teacher(run, capsys):
     # equal steps: feature distillation runs all 64 patches + CLS, UTA the 32 kept + CLS
     ratio = result["runs"]["fd"]["mean"][-1]["tflop"] / result["runs"]["uta"]["mean"][-1]["tflop"]
     assert ratio == pytest.approx(65 / 33)
-    assert all((out / "plots" / f).stat().st_size > 5_000 for f in ("study-objectives.png", "study-masking.png"))
+    # two keep sets per teacher forward: twice the student work per step
+    tflop = {name: result["runs"][name]["mean"][-1]["tflop"] for name in ("uta", "uta-m2")}
+    assert tflop["uta-m2"] == pytest.approx(2 * tflop["uta"])
+    plots = ("study-objectives.png", "study-masking.png", "study-masks-per-view.png")
+    assert all((out / "plots" / f).stat().st_size > 5_000 for f in plots)
     assert text in capsys.readouterr().out
     study.main(argv)
-    assert capsys.readouterr().out.count(": done") == 4 and (out / "study.md").read_text() == text  # trains nothing
-    study.main([*argv[:-3], "--only", "uta"])
+    assert capsys.readouterr().out.count(": done") == 6 and (out / "study.md").read_text() == text  # trains nothing
+    study.main([*base, "--only", "uta"])
     assert (out / "study.md").read_text() == text  # a subset's report still holds every finished run
     with pytest.raises(SystemExit, match="other budgets"):
         study.main([*argv, "--cache-views", "1"])

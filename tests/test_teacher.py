@@ -99,3 +99,14 @@ def test_clip_batches_are_whole_groups():
     assert (groups[:, 0] % 4 == 0).all() and (groups.diff(dim=1) == 1).all()
     with pytest.raises(ValueError, match="multiple of the group size"):
         sample_batch(400, 30, 4, torch.Generator())
+
+
+def test_compiled_teacher_gives_the_eager_targets(vit_clip):
+    teacher = CLIPTeacher(vit_clip.visual)
+    images = torch.randn(4, 3, 48, 48)  # resized to the 32 px input first, outside the compiled graph
+    eager = teacher(images, student_grid=(4, 4))
+    teacher.compile_encoder()
+    compiled = teacher(images, student_grid=(4, 4))
+    assert compiled.shape == eager.shape == (4, 17, 32) and compiled.dtype == torch.float32
+    assert torch.allclose(compiled, eager, atol=1e-5)
+    assert not compiled.requires_grad

@@ -9,7 +9,9 @@ run whose learning rate is still decaying over the whole budget, not a shorter r
 - objectives: UTA, MIM, feature distillation and CLS-only (pipeline.STUDENTS' flags);
 - masking: UTA with reversed block, block and random keep sets, keeping 1/2 and 3/4 of the patches, and
   `reversed_block_rolled` (reversed blocks rolled by a random shift: the same blocks, with every position kept
-  equally often), which isolates the centre bias of reversed blocks.
+  equally often), which isolates the centre bias of reversed blocks;
+- masks per view: UTA with 2 keep sets per teacher forward (`--masks_per_view 2`), independent or a set and its
+  complement, against one: does more student work per teacher forward pay at equal wall-clock?
 
 The teacher runs live on every step (fresh crops and flips each time, and the teacher's cost counted in every
 objective's seconds) unless `--cache-views N` reads N fixed views per image from the quickstart's teacher cache.
@@ -43,13 +45,21 @@ def masking_run(kind: str, keep: float) -> tuple[list[str], str]:
     return ["--masking", kind, "--mask_ratio", str(1 - keep)], f"UTA, {kind.replace('_', ' ')} masking, keep {keep:g}"
 
 
-# name -> (uta-pretrain flags, title); "uta" is also the masking ablation's reversed-block, keep-1/2 row
-RUNS = {name: STUDENTS[name] for name in OBJECTIVES} | {
+# name -> (uta-pretrain flags, title); "uta" is also the masking ablation's reversed-block, keep-1/2 row and the
+# one-pass-per-teacher-forward row of the masks-per-view comparison
+MASKING_RUNS = {
     f"uta-{kind}-keep{keep:g}": masking_run(kind, keep)
     for kind in ("reversed_block", "block", "random", "reversed_block_rolled") for keep in (0.5, 0.75)
     if (kind, keep) != ("reversed_block", 1 - RECIPE.mask_ratio)
 }
-MASKING = ("uta", *(name for name in RUNS if name not in OBJECTIVES))
+MASKS_PER_VIEW_RUNS = {
+    "uta-m2": (["--masks_per_view", "2"], "UTA, 2 independent keep sets per teacher forward"),
+    "uta-m2-complement": (["--masks_per_view", "2", "--mask_pairing", "complement"],
+                          "UTA, a keep set and its complement per teacher forward"),
+}
+RUNS = {name: STUDENTS[name] for name in OBJECTIVES} | MASKING_RUNS | MASKS_PER_VIEW_RUNS
+MASKING = ("uta", *MASKING_RUNS)
+MASKS_PER_VIEW = ("uta", *MASKS_PER_VIEW_RUNS)
 
 
 @dataclass(frozen=True)
@@ -187,7 +197,9 @@ def write_report(study: Path, profile_name: str, profile: StudyProfile, result: 
     if result["teacher_zeroshot"]:
         sections.append(f"Teacher CLIP zero-shot top-1: {result['teacher_zeroshot']['top1']:.3f}.")
     for names, title, plot_name in ((OBJECTIVES, "Objectives at equal wall-clock", "study-objectives.png"),
-                                    (MASKING, "Masking (UTA)", "study-masking.png")):
+                                    (MASKING, "Masking (UTA)", "study-masking.png"),
+                                    (MASKS_PER_VIEW, "Student passes per teacher forward (UTA, --masks_per_view)",
+                                     "study-masks-per-view.png")):
         text = table(result, names, title)
         if text:
             plot(result, names, title, plots / plot_name)
