@@ -326,6 +326,8 @@ def test_fp8_teacher_cache_trains_like_the_fp16_one(world, teacher_dir, tmp_path
 
 
 def test_a_compiled_teacher_trains_like_the_eager_one(world, teacher_dir, tmp_path):
-    losses = {compiled: Pretrainer(engine_args(world, teacher_dir, tmp_path / str(compiled), compile_teacher=compiled,
-                                               drop_path=0.0)).train()["final_loss"] for compiled in (False, True)}
+    runs = {compiled: Pretrainer(engine_args(world, teacher_dir, tmp_path / str(compiled), compile_teacher=compiled,
+                                             drop_path=0.0)) for compiled in (False, True)}
+    assert "encode" in vars(runs[True].teacher) and "encode" not in vars(runs[False].teacher)  # the flag took effect
+    losses = {compiled: run.train()["final_loss"] for compiled, run in runs.items()}
     assert losses[True] == pytest.approx(losses[False], abs=1e-4)
