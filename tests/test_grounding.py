@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
+from llava_helpers import make_lm_dir, make_tokenizer_dir
 
 from llava_uta.data.shapes import language as lang
 from llava_uta.data.shapes.scene import sample_scene
 from llava_uta.data.shapes.writer import grounding_questions
+from llava_uta.eval.llavabench import grounding
+from llava_uta.eval.llavabench.__main__ import main as bench_main
 from llava_uta.eval.llavabench.grounding import format_table, is_correct, object_f1, score
 
 SCENE = {"objects": [
@@ -108,3 +112,42 @@ def test_colour_questions_never_name_the_colour_they_ask_for():
         scene = sample_scene(rng, 64)
         qa = lang.ask_color(scene, rng)
         assert qa.facts["color"] not in qa.question.lower().split()
+
+
+def test_scene_in_words_asks_a_text_lm_each_short_question_after_the_description(tmp_path, monkeypatch):
+    lm = make_lm_dir(tmp_path / "lm", make_tokenizer_dir(tmp_path / "tok"))
+    rng = random.Random(0)
+    scenes = [sample_scene(rng, 64, grid=2) for _ in range(2)]
+    for i, scene in enumerate(scenes):
+        scene["image"] = f"eval/grounding/images/{i:03d}.png"
+    rows = grounding_questions(scenes, rng)
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts = []
+    original = grounding.generation_prompt
+
+    def spy(mode: str, turns: list[str]) -> str:
+        prompts.append(turns)
+        return original(mode, turns)
+
+    monkeypatch.setattr(grounding, "generation_prompt", spy)
+    args = lambda answers: ["grounding", "--scene-in-words", "--model-path", str(lm), "--question-file",
+                            str(questions), "--answers-file", str(tmp_path / answers),
+                            "--output", str(tmp_path / "result.json"), "--batch-size", "4"]
+    bench_main(args("answers.jsonl"))
+
+    short = [r for r in rows if r["kind"] != "detail"]
+    described = {r["image"]: r["answer"] for r in rows if r["kind"] == "detail"}
+    assert sorted(prompts) == sorted([[f"{described[r['image']]}\n{r['text']}"] for r in short])
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert sorted(a["question_id"] for a in answers) == [r["question_id"] for r in short]
+    assert all(a["metadata"]["context"] == "scene in words" for a in answers)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert "detail" not in result and set(result["kinds"]) == {r["kind"] for r in short}
+
+    bench_main(args("answers.jsonl"))  # resumes: every question is answered already
+    assert len((tmp_path / "answers.jsonl").read_text().splitlines()) == len(short)
+
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows if r["kind"] != "detail"))
+    with pytest.raises(ValueError, match="no description question .*'000.png'"):
+        bench_main(args("other.jsonl"))

@@ -135,6 +135,17 @@ def test_blind_baseline_is_scored_like_every_tower(run):
     torch.testing.assert_close(tokens[0], tokens[1])
 
 
+def test_the_lm_is_instruction_tuned_in_words_and_asked_in_words(run):
+    """The LLM LLaVA starts from: LM steps, then instruction tuning; its in-words row asks the towers' questions."""
+    paths, _ = run
+    stages = [r["stage"] for r in read_jsonl(paths.lm / "train_log.jsonl")]
+    assert stages == ["pretrain"] * PROFILES["fast"].lm_steps + ["instruct"] * PROFILES["fast"].lm_sft_steps
+    words, uta = (json.loads(path.read_text()) for path in (paths.lm_in_words, paths.grounding("uta")))
+    assert {k: v["n"] for k, v in words["kinds"].items()} == {k: v["n"] for k, v in uta["kinds"].items()}
+    assert "detail" not in words
+    assert "| tiny LM alone, the scene in words (no image) |" in paths.results.read_text()
+
+
 def test_probes_and_classification_set_each_tower_against_its_random_init_floor(run):
     paths, _ = run
     text = paths.results.read_text()

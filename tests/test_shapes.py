@@ -18,7 +18,7 @@ from llava_uta.data.shapes.scene import COLORS, SHAPES, largest_object, sample_s
 from llava_uta.data.shapes.writer import BENCH_DIR, GROUNDING_DIR, sample_scene_groups
 
 SMALL = dict(num_clip=80, num_pretrain=80, num_zeroshot_per_class=2, num_stage1=40, num_stage2=60,
-             num_bench_images=30, questions_per_bench_image=2, num_grounding_images=12)
+             num_bench_images=30, questions_per_bench_image=2, num_grounding_images=12, num_text_instruct=50)
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +148,22 @@ def test_llava_stage1_and_stage2_records(world):
     kinds = {r["id"].rsplit("_", 1)[1] for r in stage2}
     assert kinds == {"conv", "short", "detail", "complex"}
     assert len({r["conversations"][0]["value"] for r in stage2}) > 30  # varied phrasings, not one template
+
+
+def test_text_instruct_writes_the_scene_in_words_where_the_image_would_be(world):
+    records = json.loads((world / "llava/text_instruct.json").read_text())
+    assert len(records) == 50 and len({r["id"] for r in records}) == 50
+    assert {r["id"].rsplit("_", 1)[1] for r in records} == {"conv", "short", "detail", "complex"}
+    held_out = {lang.detailed_description(s) for s in read_jsonl(world / "scenes.jsonl")
+                if s["image"].startswith("eval/")}
+    for record in records:
+        assert set(record) == {"id", "conversations"}  # no image: the LLM reads the scene
+        turns = record["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and all(t["value"] for t in turns)
+        assert not any(DEFAULT_IMAGE_TOKEN in t["value"] for t in turns)
+        description, question = turns[0]["value"].split("\n", 1)
+        assert description.startswith("The image shows ") and description not in held_out
+        assert question.strip()
 
 
 def test_bench_layout_and_no_leakage(world):

@@ -57,3 +57,40 @@ def test_empty_corpus_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _run(tmp_path, ["", "  "])
     assert "has no non-empty line" in capsys.readouterr().err
+
+
+def _text_chat(tmp_path, samples: list[dict]):
+    path = tmp_path / "text_instruct.json"
+    path.write_text(json.dumps(samples))
+    return path
+
+
+TEXT_CHAT = [{"id": f"t{i}", "conversations": [
+    {"from": "human", "value": f"There is a {color} circle.\nWhat colour is the circle?"},
+    {"from": "gpt", "value": f"The circle is {color}."}]} for i, color in enumerate(["red", "blue", "green"] * 4)]
+
+
+def test_instruction_tuning_follows_pretraining_and_fits_the_answers(tmp_path, capsys):
+    sft = _text_chat(tmp_path, TEXT_CHAT)
+    out = _run(tmp_path, SMALL_CORPUS, "--sft_json", str(sft), "--sft_steps", "40", "--sft_batch_size", "6",
+               "--sft_lr", "1e-2")
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 43))
+    assert [r["stage"] for r in log] == ["pretrain"] * 2 + ["instruct"] * 40
+    losses = [r["loss"] for r in log[2:]]
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
+    assert "instruction tuning on 12 conversations" in capsys.readouterr().out
+    assert LlamaForCausalLM.from_pretrained(out).config.vocab_size == len(AutoTokenizer.from_pretrained(out))
+
+
+@pytest.mark.parametrize("samples, flags, message", [
+    ([{**TEXT_CHAT[0], "image": "x.png"}], ("--sft_steps", "2"), "sample 't0' has an 'image'"),
+    ({"conversations": []}, ("--sft_steps", "2"), "expected a non-empty JSON list"),
+    (TEXT_CHAT, (), "--sft_json and --sft_steps"),
+])
+def test_bad_instruction_data_is_a_clear_error_before_training(tmp_path, capsys, samples, flags, message):
+    sft = _text_chat(tmp_path, samples)
+    with pytest.raises(SystemExit):
+        _run(tmp_path, SMALL_CORPUS, "--sft_json", str(sft), *flags)
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "lm").exists()  # nothing trained, nothing written

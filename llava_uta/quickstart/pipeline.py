@@ -91,6 +91,15 @@ class Layout:
     def grounding_answers(self, tower: str) -> Path:
         return self.runs / "grounding" / f"answers-{tower}.jsonl"
 
+    @property
+    def lm_in_words(self) -> Path:
+        """Grounding of the tiny LM alone, each image's description in words in its place."""
+        return self.runs / "grounding" / "lm-in-words.json"
+
+    @property
+    def lm_in_words_answers(self) -> Path:
+        return self.runs / "grounding" / "answers-lm-in-words.jsonl"
+
 
 def pretrain_argv(paths: Layout, out: Path, seed: int, batch: int, warmup: int) -> list[str]:
     """uta-pretrain flags of the shared recipe (every student of the quickstart and the study): data, teacher, model,
@@ -159,7 +168,10 @@ class Pipeline:
             self.student_stage("uta"),
             Stage("tower-uta", "UTA student -> LLaVA tower (llava-uta-convert)", p.tower("uta") / "config.json",
                   self.convert_student),
-            Stage("lm", "tokenizer + tiny Llama (llava-uta-tiny-lm)", p.lm / "model.safetensors", self.train_lm),
+            Stage("lm", "tokenizer + tiny Llama, instruction-tuned on the scenes in words (llava-uta-tiny-lm)",
+                  p.lm / "model.safetensors", self.train_lm),
+            Stage("lm-reading", "tiny LM answering from the scenes in words, no image (llava-uta-bench grounding "
+                  "--scene-in-words)", p.lm_in_words, self.ground_lm_in_words),
             *self.llava_stages("uta"),
         ]
         if compare:  # the LLaVA controls first (minutes), then the other students
@@ -202,11 +214,23 @@ class Pipeline:
               "--group-size", str(group_size), "--seed", str(self.seed)])
 
     def train_lm(self) -> None:
+        """Plain LM training on the corpus and the chat texts, then instruction tuning on the scenes in words."""
         from llava_uta.train.tiny_lm import main
 
-        main(["--corpus", str(self.paths.data / "text" / "corpus.txt"), "--chat_json",
-              str(self.paths.data / "llava" / "instruct.json"), "--out", str(self.paths.lm),
-              "--steps", str(self.profile.lm_steps), "--seed", str(self.seed)])
+        llava, prof = self.paths.data / "llava", self.profile
+        sft = ["--sft_json", str(llava / "text_instruct.json"), "--sft_steps", str(prof.lm_sft_steps)] \
+            if prof.lm_sft_steps else []
+        main(["--corpus", str(self.paths.data / "text" / "corpus.txt"), "--chat_json", str(llava / "instruct.json"),
+              "--out", str(self.paths.lm), "--steps", str(prof.lm_steps), *sft, "--seed", str(self.seed)])
+
+    def ground_lm_in_words(self) -> None:
+        from llava_uta.eval.llavabench.__main__ import main
+
+        p = self.paths
+        main(["grounding", "--scene-in-words", "--model-path", str(p.lm), "--question-file",
+              str(p.grounding_questions / "questions.jsonl"), "--answers-file",
+              str(p.lm_in_words_answers), "--output", str(p.lm_in_words),
+              "--model-id", "tiny-lm-in-words", "--batch-size", "32"])
 
     # ---- students
 

@@ -63,6 +63,7 @@ class Profile:
     probe_train_images: int = 2000  # per-patch probes: pretrain/train images the probes are fitted on
     probe_images_per_class: int = 50  # linear probes: pretrain/train images per class
     lm_steps: int = 200
+    lm_sft_steps: int = 2400  # instruction tuning on the scenes in words (Vicuna's role); about 12 minutes here
     stage1_steps: int = 100  # the projector alone: its caption loss flattens after ~40 steps
     stage1_batch: int = 32
     stage2_steps: int = 500  # the LLM learns to read the image only after a few hundred steps
@@ -78,7 +79,7 @@ PROFILES = {
         teacher_steps=30, teacher_batch=64, student_steps=60, student_batch=64, student_warmup=6, cache_views=1,
         finetune_steps=10, finetune_batch=64, classify_steps=8, classify_batch=32, probe_train_images=200,
         probe_images_per_class=4,
-        lm_steps=60, stage1_steps=30, stage1_batch=16, stage2_steps=60, stage2_batch=8,
+        lm_steps=60, lm_sft_steps=30, stage1_steps=30, stage1_batch=16, stage2_steps=60, stage2_batch=8,
         bench_max_new_tokens=32,
     ),
 }

@@ -103,7 +103,9 @@ def loss_curves(paths: Layout) -> dict[str, list[tuple[int, float]]]:
     for init in CLASSIFIERS:
         curves[f"classification fine-tuning ({init} init)"] = [
             (r["step"], r["loss"]) for r in _jsonl(paths.classifier(init) / "log.jsonl") if "loss" in r]
-    curves["tiny LM"] = [(r["step"], r["loss"]) for r in _jsonl(paths.lm / "train_log.jsonl")]
+    lm_log = _jsonl(paths.lm / "train_log.jsonl")
+    curves["tiny LM"] = [(r["step"], r["loss"]) for r in lm_log if r.get("stage") != "instruct"]
+    curves["tiny LM instruction tuning"] = [(r["step"], r["loss"]) for r in lm_log if r.get("stage") == "instruct"]
     for tower in TOWERS:
         for stage in (1, 2):
             state = _read_json(paths.llava(tower, stage) / "trainer_state.json") or {"log_history": []}
@@ -118,7 +120,7 @@ def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = {"CLIP losses and LM": [n for n in curves if n in ("teacher CLIP", "tiny LM")
+    groups = {"CLIP losses and LM": [n for n in curves if n == "teacher CLIP" or n.startswith("tiny LM")
                                      or n.startswith("contrastive")],
               "students (negative cosine)": [n for n in curves if n.startswith("student")],
               "classification fine-tuning": [n for n in curves if n.startswith("classification")],
@@ -155,13 +157,16 @@ def write_report(paths: Layout, state: dict, profile_name: str) -> str:
         sections += ["", "## LLaVA-Bench (ShapesWorld, offline judge), relative score (%)", "",
                      comparison_table(results)]
     grounding = {f"{TOWERS[t]} tower": _read_json(paths.grounding(t)) for t in TOWERS}
+    grounding["tiny LM alone, the scene in words (no image)"] = _read_json(paths.lm_in_words)
     grounding = {name: result for name, result in grounding.items() if result}
     if grounding:
         sections += ["", "## Grounding (held-out images, short answers), accuracy (%)", "",
                      grounding_table(grounding), "",
                      "`llava-uta-bench grounding`: one question per kind and image, right when the answer names the "
                      "true value alone; chance = share of the most frequent true answer. The blind tower is UTA's with "
-                     "its patch embedding zeroed (same recipe, no image): a tower helps by its margin over that row."]
+                     "its patch embedding zeroed (same recipe, no image): a tower helps by its margin over that row. "
+                     "The last row is the LLM LLaVA starts from, asked with each image's description in words in "
+                     "place of the image (`--scene-in-words`): what it answers when the facts are in its context."]
     classification = classification_table(paths)
     if classification:
         sections += ["", "## Classification fine-tuning (48 colour x shape classes)", "", classification, "",

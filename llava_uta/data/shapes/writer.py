@@ -23,7 +23,7 @@ from llava_uta.data.shapes.scene import (
 )
 from llava_uta.io_utils import atomic_dir
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 BENCH_DIR = "eval/llava-bench-shapes"
 BENCH_CATEGORIES = ("conv", "detail", "complex")
 GROUNDING_DIR = "eval/grounding"
@@ -45,6 +45,7 @@ class ShapesWorldConfig:
     num_zeroshot_per_class: int = 20  # single-object images per colour+shape class
     num_stage1: int = 10000  # LLaVA stage-1 caption samples (on the CLIP images)
     num_stage2: int = 8000  # LLaVA stage-2 instruction samples (on the pre-training images)
+    num_text_instruct: int = 16000  # text-only instruction samples for the LLM (scenes in words, no image)
     num_bench_images: int = 30
     questions_per_bench_image: int = 2
     num_grounding_images: int = 100  # held-out images with short-answer questions of every kind + a description
@@ -69,6 +70,8 @@ class ShapesWorldConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_text_instruct < 0:
+            raise ValueError(f"num_text_instruct must be at least 0, got {self.num_text_instruct}")
         if self.num_stage1 > self.num_clip:
             raise ValueError(f"num_stage1 ({self.num_stage1}) cannot exceed num_clip ({self.num_clip})")
         if self.num_stage2 > self.num_pretrain:
@@ -159,23 +162,41 @@ def stage1_records(scenes: list[dict], rng: random.Random) -> list[dict]:
     ]
 
 
+def stage2_questions(scene: dict, rng: random.Random) -> tuple[str, list[lang.QA]]:
+    """One instruction sample's kind (drawn from STAGE2_MIX) and its questions with their answers."""
+    kind = rng.choices(list(STAGE2_MIX), weights=list(STAGE2_MIX.values()))[0]
+    if kind == "conv":
+        return kind, lang.conversation(scene, rng, turns=rng.randint(2, 4))
+    if kind == "short":
+        return kind, lang.short_conversation(scene, rng, turns=rng.randint(2, 4))
+    if kind == "detail":
+        return kind, [lang.detail_question(scene, rng)]
+    return kind, [lang.complex_question(scene, rng)]
+
+
 def stage2_records(scenes: list[dict], rng: random.Random) -> list[dict]:
     """LLaVA-Instruct-150K format: conversations, short-answer VQA, detailed descriptions, complex reasoning."""
     records = []
     for s in scenes:
-        kind = rng.choices(list(STAGE2_MIX), weights=list(STAGE2_MIX.values()))[0]
-        if kind == "conv":
-            qas = lang.conversation(s, rng, turns=rng.randint(2, 4))
-        elif kind == "short":
-            qas = lang.short_conversation(s, rng, turns=rng.randint(2, 4))
-        elif kind == "detail":
-            qas = [lang.detail_question(s, rng)]
-        else:
-            qas = [lang.complex_question(s, rng)]
+        kind, qas = stage2_questions(s, rng)
         turns = []
         for i, qa in enumerate(qas):
             turns += [human_turn(qa.question, rng, first=i == 0), {"from": "gpt", "value": qa.answer}]
         records.append({"id": f"{Path(s['image']).stem}_{kind}", "image": s["image"], "conversations": turns})
+    return records
+
+
+def text_instruct_records(scenes: list[dict], rng: random.Random) -> list[dict]:
+    """Text-only instruction data for the LLM before it meets images, as Vicuna's conversations are for LLaVA's: the
+    stage-2 kinds of sample, with the scene's detailed description in words where the image would be."""
+    records = []
+    for j, s in enumerate(scenes):
+        kind, qas = stage2_questions(s, rng)
+        turns = []
+        for i, qa in enumerate(qas):
+            question = f"{lang.detailed_description(s)}\n{qa.question}" if i == 0 else qa.question
+            turns += [{"from": "human", "value": question}, {"from": "gpt", "value": qa.answer}]
+        records.append({"id": f"text{j:06d}_{kind}", "conversations": turns})
     return records
 
 
@@ -295,6 +316,10 @@ def generate(cfg: ShapesWorldConfig, out: Path, workers: int = 2) -> dict[str, i
     stage2 = stage2_records(pretrain[: cfg.num_stage2], split_rng(cfg.seed, "stage2"))
     write_json(out / "llava/pretrain.json", stage1)
     write_json(out / "llava/instruct.json", stage2)
+    text_scenes = sample_unique_scenes(split_rng(cfg.seed, "text-instruct"), cfg.num_text_instruct, size, grid,
+                                       bench_keys)  # never rendered: the LLM reads them in words
+    text_instruct = text_instruct_records(text_scenes, split_rng(cfg.seed, "text-instruct-questions"))
+    write_json(out / "llava/text_instruct.json", text_instruct)
 
     bench_out = bench_files(bench, split_rng(cfg.seed, "bench-questions"), cfg.questions_per_bench_image)
     for name, rows in bench_out.items():
@@ -318,6 +343,7 @@ def generate(cfg: ShapesWorldConfig, out: Path, workers: int = 2) -> dict[str, i
         "zeroshot classes": len(classes),
         "llava/pretrain.json": len(stage1),
         "llava/instruct.json": len(stage2),
+        "llava/text_instruct.json": len(text_instruct),
         f"{BENCH_DIR}/images": len(bench),
         f"{BENCH_DIR}/questions.jsonl": len(bench_out["questions.jsonl"]),
         f"{GROUNDING_DIR}/images": len(grounding),

@@ -62,17 +62,14 @@ def answer_questions(
         else:
             texts = answer_many(loaded, pairs, conv_mode, **settings)
         for question, text in zip(chunk, texts, strict=True):
-            log.append(
-                {
-                    "question_id": question["question_id"],
-                    "prompt": question["text"],
-                    "text": text,
-                    "answer_id": uuid.uuid4().hex,
-                    "model_id": model_id,
-                    "metadata": {"conv_mode": conv_mode, **settings},
-                }
-            )
+            log.append(answer_record(question, text, model_id, {"conv_mode": conv_mode, **settings}))
     return len(todo)
+
+
+def answer_record(question: dict, text: str, model_id: str, metadata: dict) -> dict:
+    """One line of an answers file (LLaVA's model_vqa fields)."""
+    return {"question_id": question["question_id"], "prompt": question["text"], "text": text,
+            "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": metadata}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

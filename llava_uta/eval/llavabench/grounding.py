@@ -14,6 +14,15 @@ the true count, or its first yes / no is the true one. Descriptions are scored b
 found when one sentence names its colour, shape and position, F1 = 2 x found / (true objects + described
 objects). Each kind's *chance* is the share of its most frequent true answer (what a model that always gives
 that answer scores), the floor an image-blind model can reach from the question alone.
+
+With `--scene-in-words`, `--model-path` is a text-only causal LM (e.g. the tiny LM LLaVA is built on) and each
+short question comes after the image's detailed description in words (the reference answer of its description
+question) in place of the image: how well the LLM answers from facts in its context, the ceiling for a LLaVA
+model on it. The descriptions themselves are not asked for in this mode.
+
+    llava-uta-bench grounding --scene-in-words --model-path runs/shapes/tiny-lm \\
+        --question-file playground/data/shapes/eval/grounding/questions.jsonl \\
+        --answers-file runs/grounding/answers-lm.jsonl --output runs/grounding/lm.json
 """
 
 from __future__ import annotations
@@ -22,9 +31,14 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llava_uta.conversation import generation_prompt, get_template
 from llava_uta.data.shapes.scene import COLORS
-from llava_uta.eval.llavabench.answer import answer_questions
-from llava_uta.eval.llavabench.jsonl import read_jsonl
+from llava_uta.eval.llavabench.answer import answer_questions, answer_record
+from llava_uta.eval.llavabench.jsonl import AppendLog, read_jsonl
 from llava_uta.eval.llavabench.shapes_judge import (
     SHAPE_WORDS,
     described_objects,
@@ -35,7 +49,8 @@ from llava_uta.eval.llavabench.shapes_judge import (
 )
 from llava_uta.eval.llavabench.shapes_judge import words as answer_words
 from llava_uta.io_utils import write_json_atomic
-from llava_uta.serve.loader import add_model_arguments, load_from_args
+from llava_uta.serve.chat import final_text
+from llava_uta.serve.loader import DEFAULT_CONV_MODE, add_model_arguments, load_from_args
 
 KINDS = ("color", "shape", "count", "position", "existence", "relation")
 SHORT_MAX_NEW_TOKENS = 16
@@ -110,10 +125,44 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def scene_descriptions(questions: list[dict], where: str) -> dict[str, str]:
+    """image -> its detailed description in words (the reference answer of its description question)."""
+    descriptions = {q["image"]: q["answer"] for q in questions if q["kind"] == "detail"}
+    missing = sorted({q["image"] for q in questions} - set(descriptions))
+    if missing:
+        raise ValueError(f"{where}: no description question (kind 'detail') for image(s) {missing[:5]}, which "
+                         "--scene-in-words puts in place of the image")
+    return descriptions
+
+
+def answer_in_words(model_path: str, questions: list[dict], descriptions: dict[str, str], answers_file: str,
+                    model_id: str, conv_mode: str, batch_size: int) -> None:
+    """Greedy short answers of a text-only LM to each question after its image's description (appended, resumable)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")  # answers follow every prompt
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    stop = get_template(conv_mode).stop_str
+    log = AppendLog(answers_file)
+    todo = [q for q in questions if q["question_id"] not in log.done_ids]
+    for start in tqdm(range(0, len(todo), batch_size), desc="answers", unit="batch"):
+        chunk = todo[start : start + batch_size]
+        prompts = [generation_prompt(conv_mode, [f"{descriptions[q['image']]}\n{q['text']}"]) for q in chunk]
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            output = model.generate(**inputs, do_sample=False, max_new_tokens=SHORT_MAX_NEW_TOKENS,
+                                    stop_strings=[stop] if stop else None, tokenizer=tokenizer,
+                                    pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        for question, text in zip(chunk, texts, strict=True):
+            log.append(answer_record(question, final_text(text, stop), model_id,
+                                     {"conv_mode": conv_mode, "context": "scene in words", "temperature": 0.0}))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--question-file", required=True, help="eval/grounding/questions.jsonl of a ShapesWorld")
-    parser.add_argument("--image-folder", required=True)
+    parser.add_argument("--image-folder", help="the question file's images (not used with --scene-in-words)")
+    parser.add_argument("--scene-in-words", action="store_true",
+                        help="a text-only LM answers with each image's description in its place (see above)")
     parser.add_argument("--answers-file", required=True, help="answers are appended here (resumable)")
     parser.add_argument("--output", required=True, help="result JSON (accuracy and chance per kind, F1)")
     parser.add_argument("--model-id", help="recorded with each answer (default: the model folder's name)")
@@ -126,13 +175,21 @@ def run(args: argparse.Namespace) -> None:
     unknown = sorted({q.get("kind") for q in questions} - {*KINDS, "detail"}, key=str)
     if unknown:
         raise ValueError(f"{args.question_file}: unknown question kind(s) {unknown}; expected {KINDS} or 'detail'")
-    loaded = load_from_args(args)
     model_id = args.model_id or Path(args.model_path).name
     short = [q for q in questions if q["kind"] != "detail"]
     detail = [q for q in questions if q["kind"] == "detail"]
-    for rows, max_new_tokens in ((short, SHORT_MAX_NEW_TOKENS), (detail, args.max_new_tokens)):
-        answer_questions(loaded, rows, args.image_folder, args.answers_file, model_id, args.conv_mode,
-                         max_new_tokens=max_new_tokens, batch_size=args.batch_size)
+    if args.scene_in_words:
+        descriptions = scene_descriptions(questions, args.question_file)
+        answer_in_words(args.model_path, short, descriptions, args.answers_file, model_id,
+                        args.conv_mode or DEFAULT_CONV_MODE, args.batch_size)
+        questions = short
+    else:
+        if args.image_folder is None:
+            raise ValueError("--image-folder is required (unless --scene-in-words)")
+        loaded = load_from_args(args)
+        for rows, max_new_tokens in ((short, SHORT_MAX_NEW_TOKENS), (detail, args.max_new_tokens)):
+            answer_questions(loaded, rows, args.image_folder, args.answers_file, model_id, args.conv_mode,
+                             max_new_tokens=max_new_tokens, batch_size=args.batch_size)
     result = {"model_id": model_id, **score(questions, read_jsonl(args.answers_file))}
     write_json_atomic(args.output, result)
     print(format_table({model_id: result}))
