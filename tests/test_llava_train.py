@@ -189,6 +189,41 @@ def test_lora_save_load_merge_gives_the_unmerged_outputs(parts, stage1, tmp_path
         assert not torch.allclose(base(**batch).logits, trained, atol=1e-3)  # the adapter did change the model
 
 
+def _group_lr(trainer, param) -> float:
+    return next(g["initial_lr"] for g in trainer.optimizer.param_groups if any(p is param for p in g["params"]))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_unfrozen_tower_trains_at_its_own_lr_and_is_saved(parts, stage1, tmp_path, lora):
+    """--unfreeze_mm_vision_tower (LLaVA-NeXT): the tower trains at --mm_vision_tower_lr and the saved model (the
+    full folder, or with LoRA the non-LoRA weights beside the adapter) holds the trained tower."""
+    out = tmp_path / "stage2"
+    extra = {"pretrain_mm_mlp_adapter": stage1 / "mm_projector.bin", "unfreeze_mm_vision_tower": True,
+             "mm_vision_tower_lr": 3e-3, "mm_projector_lr": 2e-3, "learning_rate": 1e-3}
+    if lora:
+        extra |= {"lora_enable": True, "lora_r": 4, "lora_alpha": 8}
+    trainer = train(_args(parts, out, stage=2, **extra))
+    model = trainer.model
+    llava = model.get_base_model() if lora else model
+    reference = dict(_reference(parts, "mlp2x_gelu").named_parameters())
+    tower = dict(llava.model.vision_tower.named_parameters())
+    changed = [n for n, p in tower.items() if not torch.equal(p, reference[f"model.vision_tower.{n}"])]
+    assert changed and all(p.requires_grad for p in tower.values())
+    assert {_group_lr(trainer, p) for p in tower.values()} == {3e-3}
+    assert {_group_lr(trainer, p) for p in llava.model.multi_modal_projector.parameters()} == {2e-3}
+    assert _group_lr(trainer, model.lm_head.weight if not lora else next(
+        p for n, p in model.named_parameters() if "lora_A" in n)) == 1e-3
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in (0, 1)])
+    with torch.no_grad():
+        trained = model.eval()(**batch).logits
+        if lora:
+            assert any(k.startswith("model.vision_tower.") for k in load_file(out / "non_lora_trainables.safetensors"))
+            reloaded = load_lora_model(out).eval()(**batch).logits
+        else:
+            reloaded = LlavaForConditionalGeneration.from_pretrained(out).eval()(**batch).logits
+    torch.testing.assert_close(reloaded, trained, atol=1e-6, rtol=1e-6)
+
+
 def test_resume_from_checkpoint_matches_an_uninterrupted_run(parts, tmp_path):
     full = train(_args(parts, tmp_path / "full", stage=2, save_strategy="steps", save_steps=2))
     assert {"checkpoint-2", "checkpoint-4"} <= set(os.listdir(tmp_path / "full"))

@@ -171,7 +171,7 @@ def rebuild_llava(
                        select_feature, dtype)
 
 
-NON_LORA_FILE = "non_lora_trainables.safetensors"  # the projector of a LoRA run, beside the adapter
+NON_LORA_FILE = "non_lora_trainables.safetensors"  # a LoRA run's projector (and unfrozen tower), beside the adapter
 
 
 def load_lora_model(model_path: str | os.PathLike, model_base: str | None = None, vision_tower: str | None = None):
@@ -185,8 +185,12 @@ def load_lora_model(model_path: str | os.PathLike, model_base: str | None = None
         or base.config.text_config.vocab_size != config.text_config.vocab_size
     ):
         raise ValueError("the rebuilt base does not match the LoRA run's vocabulary (different LLM or tokenizer?)")
-    projector = load_state_dict_file(os.path.join(model_path, NON_LORA_FILE))
-    missing, unexpected = base.load_state_dict(projector, strict=False)
-    if unexpected or any(k.startswith("model.multi_modal_projector.") for k in missing):
-        raise ValueError(f"{NON_LORA_FILE} does not fit the projector: unexpected {unexpected}")
+    trained = load_state_dict_file(os.path.join(model_path, NON_LORA_FILE))
+    missing, unexpected = base.load_state_dict(trained, strict=False)
+    tower = "model.vision_tower."
+    has_tower = any(k.startswith(tower) for k in trained)
+    partial = [k for k in missing if k.startswith("model.multi_modal_projector.") or has_tower and k.startswith(tower)]
+    if unexpected or partial:
+        raise ValueError(f"{os.path.join(model_path, NON_LORA_FILE)} does not fit the model's projector/tower: "
+                         f"unexpected {unexpected[:5]}, missing {partial[:5]}")
     return PeftModel.from_pretrained(base, model_path)

@@ -22,6 +22,9 @@ class ModelArguments:
     pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "stage-1 mm_projector.bin"})
     tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "stage 1: train the projector only"})
     freeze_backbone: bool = field(default=False, metadata={"help": "freeze the LLM"})
+    unfreeze_mm_vision_tower: bool = field(
+        default=False, metadata={"help": "train the vision tower too (LLaVA-NeXT); see --mm_vision_tower_lr"}
+    )
 
 
 @dataclass
@@ -41,6 +44,9 @@ class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(default=512, metadata={"help": "tokens per sample, image tokens included"})
     group_by_modality_length: bool = field(default=False, metadata={"help": "batches of one modality, by length"})
     mm_projector_lr: float | None = field(default=None, metadata={"help": "learning rate of the projector"})
+    mm_vision_tower_lr: float | None = field(
+        default=None, metadata={"help": "learning rate of an unfrozen vision tower (default: --learning_rate)"}
+    )
     lora_enable: bool = False
     lora_r: int = 64
     lora_alpha: int = 16

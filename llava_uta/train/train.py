@@ -35,7 +35,7 @@ from llava_uta.model.llava_builder import NON_LORA_FILE, build_llava
 from llava_uta.model.processors import make_processor
 from llava_uta.model.projector import load_llava_projector, projector_to_llava, trainable_projector_parameters
 from llava_uta.train.args import DataArguments, ModelArguments, TrainingArguments
-from llava_uta.train.trainer import LLaVATrainer, base_llava, projector_state
+from llava_uta.train.trainer import LLaVATrainer, base_llava, non_lora_state
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ def lora_target_regex(model: LlavaForConditionalGeneration) -> str:
 
 
 def prepare_model(model, model_args: ModelArguments, training_args: TrainingArguments):
-    """Set what trains: projector always; the LLM unless stage 1 / --freeze_backbone / LoRA; the tower never."""
+    """Set what trains: projector always; the LLM unless stage 1 / --freeze_backbone / LoRA; the tower only with
+    --unfreeze_mm_vision_tower (a blind tower's patch embedding never)."""
     projector_type = projector_type_of(model)
     if model_args.pretrain_mm_mlp_adapter:
         load_llava_projector(
@@ -100,6 +101,11 @@ def prepare_model(model, model_args: ModelArguments, training_args: TrainingArgu
         model.lm_head.requires_grad_(True)
     for param in trainable_projector_parameters(base_llava(model).model.multi_modal_projector, projector_type):
         param.requires_grad_(True)
+    if model_args.unfreeze_mm_vision_tower:
+        tower = base_llava(model).model.vision_tower
+        tower.requires_grad_(True)
+        if getattr(tower.config, "image_withheld", False):  # the blind baseline's zeroed patch embedding stays zero
+            tower.get_input_embeddings().requires_grad_(False)
     if training_args.gradient_checkpointing:
         model.enable_input_require_grads()
     return model
@@ -122,7 +128,7 @@ def save_outputs(
         return
     trainer.save_model(str(out))
     if training_args.lora_enable:
-        state = projector_state(model)
+        state = non_lora_state(model)
         if trainer.is_world_process_zero():
             save_state_dict_file(state, out / NON_LORA_FILE)
             model.config.save_pretrained(out)

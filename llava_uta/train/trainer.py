@@ -29,21 +29,29 @@ def base_llava(model):
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def projector_state(model) -> dict[str, torch.Tensor]:
-    """The projector's weights under their names in the Llava model (gathered under ZeRO-3: call on every rank)."""
-    projector = base_llava(model).model.multi_modal_projector
-    with gathered(projector.parameters()):
-        return {f"model.multi_modal_projector.{k}": v.detach().cpu().clone() for k, v in projector.state_dict().items()}
+def non_lora_state(model) -> dict[str, torch.Tensor]:
+    """The weights a LoRA adapter does not hold, under their names in the Llava model: the projector, and the vision
+    tower when it trains (--unfreeze_mm_vision_tower). Gathered under ZeRO-3: call on every rank."""
+    llava = base_llava(model).model
+    parts = {"multi_modal_projector": llava.multi_modal_projector}
+    if any(p.requires_grad for p in llava.vision_tower.parameters()):
+        parts["vision_tower"] = llava.vision_tower
+    state = {}
+    for prefix, module in parts.items():
+        with gathered(module.parameters()):
+            state |= {f"model.{prefix}.{k}": v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return state
 
 
-class SaveProjectorCallback(TrainerCallback):
-    """With LoRA, put the projector (trained, but not in the adapter) into every checkpoint-N folder."""
+class SaveNonLoraCallback(TrainerCallback):
+    """With LoRA, put the projector (and an unfrozen tower), trained but not in the adapter, into every checkpoint-N
+    folder."""
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
 
     def on_save(self, args, state, control, **kwargs):
-        state_dict = projector_state(self.trainer.accelerator.unwrap_model(self.trainer.model))
+        state_dict = non_lora_state(self.trainer.accelerator.unwrap_model(self.trainer.model))
         if state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             save_state_dict_file(state_dict, os.path.join(folder, NON_LORA_FILE))
@@ -84,7 +92,7 @@ class LLaVATrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if isinstance(self.model, PeftModel):
-            self.add_callback(SaveProjectorCallback(self))
+            self.add_callback(SaveNonLoraCallback(self))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.model if model is None else model
@@ -106,22 +114,25 @@ class LLaVATrainer(Trainer):
         return ModalityLengthGroupedSampler(dataset.modality_lengths, megabatch, self.args.seed)
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
-        """With --mm_projector_lr, the projector's parameters get their own learning rate."""
-        if self.args.mm_projector_lr is None or self.optimizer is not None:
+        """With --mm_projector_lr / --mm_vision_tower_lr, the projector's / the tower's parameters get their own
+        learning rate."""
+        lrs = {"multi_modal_projector": self.args.mm_projector_lr, "vision_tower": self.args.mm_vision_tower_lr}
+        if all(lr is None for lr in lrs.values()) or self.optimizer is not None:
             return super().create_optimizer(model)
         opt_model = self.model if model is None else model
         decay = set(self.get_decay_parameter_names(opt_model))
-        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+        groups: dict[tuple[float | None, bool], list[torch.nn.Parameter]] = {}
         for name, param in opt_model.named_parameters():
             if param.requires_grad:
-                groups.setdefault(("multi_modal_projector" in name, name in decay), []).append(param)
+                lr = next((lr for part, lr in lrs.items() if f"{part}." in name), None)
+                groups.setdefault((lr, name in decay), []).append(param)
         param_groups = [
             {
                 "params": params,
                 "weight_decay": self.args.weight_decay if decays else 0.0,
-                **({"lr": self.args.mm_projector_lr} if projector else {}),
+                **({"lr": lr} if lr is not None else {}),
             }
-            for (projector, decays), params in groups.items()
+            for (lr, decays), params in groups.items()
         ]
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
