@@ -5,7 +5,9 @@ The names, defaults and meanings are LLaVA's (docs/llava.md#training-flags).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import transformers
@@ -39,6 +41,13 @@ class DataArguments:
     skip_bad_samples: bool = field(default=False, metadata={"help": "skip and log unusable samples, not fail"})
 
 
+def deepspeed_config(deepspeed: str | dict | None) -> dict:
+    """The --deepspeed config as a dict (a JSON file or an inline dict; {} without DeepSpeed)."""
+    if isinstance(deepspeed, dict):
+        return deepspeed
+    return json.loads(Path(deepspeed).read_text()) if deepspeed and Path(deepspeed).is_file() else {}
+
+
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(default=512, metadata={"help": "tokens per sample, image tokens included"})
@@ -58,6 +67,13 @@ class TrainingArguments(transformers.TrainingArguments):
     def __post_init__(self) -> None:
         if self.bits != 16:
             raise ValueError(f"--bits {self.bits}: only 16-bit training is supported")
+        own_lrs = [f"--{k}" for k in ("mm_projector_lr", "mm_vision_tower_lr") if getattr(self, k) is not None]
+        if own_lrs and "optimizer" in deepspeed_config(self.deepspeed):
+            # the Trainer then hands DeepSpeed one flat parameter list: every part would train at --learning_rate
+            raise ValueError(f"--deepspeed {self.deepspeed} defines its own optimizer, which gives every parameter one "
+                             f"learning rate, so {' and '.join(own_lrs)} would be ignored: remove the config's "
+                             "\"optimizer\" section (the Trainer then builds AdamW with those rates and DeepSpeed "
+                             "runs it) or drop the flag")
         if not torch.cuda.is_available():
             # else DeepSpeed ranks on a CPU machine each train alone (docs/environment.md#deepspeed-on-cpu)
             self.use_cpu = True
