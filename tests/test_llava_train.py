@@ -276,10 +276,12 @@ def _trainer_state(out: Path) -> tuple[int, list[float]]:
 
 @pytest.mark.deepspeed
 def test_deepspeed_zero2_on_two_cpu_ranks(parts, stage1, tmp_path):
-    """Two ranks really share the data: 32 samples / (4 per rank x 2 ranks) = 4 steps for one epoch."""
+    """Two ranks really share the data: 32 samples / (4 per rank x 2 ranks) = 4 steps for one epoch; the tower
+    trains there too (--unfreeze_mm_vision_tower, whose last block is unused at select layer -2)."""
     out = tmp_path / "ds"
     args = _args(
-        parts, out, stage=2, pretrain_mm_mlp_adapter=stage1 / "mm_projector.bin", group_by_modality_length=True
+        parts, out, stage=2, pretrain_mm_mlp_adapter=stage1 / "mm_projector.bin", group_by_modality_length=True,
+        unfreeze_mm_vision_tower=True, mm_vision_tower_lr=1e-3,
     )
     args = [a for a in args if not a.startswith("--max_steps")] + [
         "--num_train_epochs=1",
@@ -291,6 +293,9 @@ def test_deepspeed_zero2_on_two_cpu_ranks(parts, stage1, tmp_path):
     assert len(losses) == 4 and all(loss == loss for loss in losses)
     model = LlavaForConditionalGeneration.from_pretrained(out)
     assert model.config.mm_projector_type == "mlp2x_gelu"
+    reference = _reference(parts, "mlp2x_gelu").state_dict()
+    tower = {f"model.vision_tower.{k}": v for k, v in model.model.vision_tower.state_dict().items()}
+    assert any(not torch.equal(v, reference[k]) for k, v in tower.items())
 
 
 ZERO3 = "scripts/zero3.json"
