@@ -224,9 +224,10 @@ def test_unfrozen_tower_trains_at_its_own_lr_and_is_saved(parts, stage1, tmp_pat
     torch.testing.assert_close(reloaded, trained, atol=1e-6, rtol=1e-6)
 
 
-def test_own_learning_rates_refuse_a_deepspeed_optimizer(tmp_path):
+def test_own_learning_rates_that_would_be_ignored_are_errors(tmp_path):
     """A DeepSpeed config with an optimizer section gets one flat parameter list from the Trainer: the projector's
-    and tower's own learning rates would be silently ignored, so that pairing is an error naming the file."""
+    and tower's own learning rates would be silently ignored, so that pairing is an error naming the file; so is a
+    tower learning rate for a frozen tower."""
     from llava_uta.train.train import parse_args
 
     base = ["--model_name_or_path", "lm", "--data_path", "d.json", "--output_dir", str(tmp_path)]
@@ -236,6 +237,8 @@ def test_own_learning_rates_refuse_a_deepspeed_optimizer(tmp_path):
             parse_args([*base, "--deepspeed", offload, flag, "1e-4"])
     for config in ("zero2.json", "zero3.json"):  # the Trainer builds the optimizer: the rates apply
         assert "optimizer" not in json.loads((ROOT / "scripts" / config).read_text())
+    with pytest.raises(ValueError, match="the tower is frozen: add --unfreeze_mm_vision_tower True"):
+        parse_args([*base, "--mm_vision_tower_lr", "1e-4"])
 
 
 def test_resume_from_checkpoint_matches_an_uninterrupted_run(parts, tmp_path):

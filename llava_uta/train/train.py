@@ -146,7 +146,10 @@ def resume_point(training_args: TrainingArguments) -> str | bool | None:
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    return parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if training_args.mm_vision_tower_lr is not None and not model_args.unfreeze_mm_vision_tower:
+        raise ValueError("--mm_vision_tower_lr is set but the tower is frozen: add --unfreeze_mm_vision_tower True")
+    return model_args, data_args, training_args
 
 
 def build_trainer(
