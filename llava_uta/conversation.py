@@ -22,11 +22,14 @@ from enum import Enum
 
 from llava_uta.constants import DEFAULT_IMAGE_TOKEN
 
+CHATML_START = "<|im_start|>"
+
 
 class SeparatorStyle(Enum):
     TWO = "two"  # "ROLE: message" turns; human turns end with sep, assistant turns with sep2 (vicuna v1)
     LLAMA_2 = "llama_2"  # "[INST] ... [/INST] answer </s>" rounds joined by sep
     PLAIN = "plain"  # captioning: each human turn is reduced to its image, each answer ends with sep
+    CHATML = "chatml"  # "<|im_start|>role\nmessage<|im_end|>\n" turns after a system turn (LLaVA-NeXT's qwen_1_5)
 
 
 @dataclass
@@ -53,7 +56,7 @@ class Conversation:
     @property
     def stop_str(self) -> str:
         """The string that ends an assistant answer: where generation stops."""
-        return self.sep if self.sep_style == SeparatorStyle.PLAIN else self.sep2
+        return self.sep if self.sep_style in (SeparatorStyle.PLAIN, SeparatorStyle.CHATML) else self.sep2
 
     def render(self) -> tuple[str, list[tuple[int, int]]]:
         """(prompt, target spans): [start, end) character ranges of what follows each open assistant prompt."""
@@ -62,6 +65,7 @@ class Conversation:
             SeparatorStyle.TWO: self._render_two,
             SeparatorStyle.LLAMA_2: self._render_llama_2,
             SeparatorStyle.PLAIN: self._render_plain,
+            SeparatorStyle.CHATML: self._render_chatml,
         }[self.sep_style]
         return render()
 
@@ -98,6 +102,19 @@ class Conversation:
                 start = len(text)
                 text += " " + message + " " + self.sep2
                 spans.append((start, len(text)))
+        return text, spans
+
+    def _render_chatml(self) -> tuple[str, list[tuple[int, int]]]:
+        text, spans = (f"{CHATML_START}system\n{self.system}{self.sep}\n" if self.system else ""), []
+        for i, (role, message) in enumerate(self.messages):
+            text += f"{CHATML_START}{role}\n"
+            if message is None:
+                continue
+            start = len(text)
+            text += message + self.sep
+            if i % 2:
+                spans.append((start, len(text)))
+            text += "\n"
         return text, spans
 
     def _render_plain(self) -> tuple[str, list[tuple[int, int]]]:
@@ -144,12 +161,24 @@ conv_llava_llama_2 = Conversation(
 
 conv_llava_plain = Conversation(system="", roles=("", ""), sep_style=SeparatorStyle.PLAIN, sep="\n", version="plain")
 
+# ChatML as LLaVA-NeXT's qwen_1_5 renders it: equal to the tokenizer's own chat template (SmolLM2, Qwen) given the
+# same system turn; an answer ends with <|im_end|>, the token the LM stops at
+conv_chatml = Conversation(
+    system="You are a helpful assistant.",
+    roles=("user", "assistant"),
+    sep_style=SeparatorStyle.CHATML,
+    sep="<|im_end|>",
+    version="chatml",
+)
+
 conv_templates: dict[str, Conversation] = {
     "plain": conv_llava_plain,
     "v1": conv_vicuna_v1,
     "vicuna_v1": conv_vicuna_v1,
     "llava_v1": conv_llava_v1,
     "llava_llama_2": conv_llava_llama_2,
+    "chatml": conv_chatml,
+    "qwen_1_5": conv_chatml,
 }
 
 

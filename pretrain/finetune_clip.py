@@ -319,8 +319,12 @@ class CLIPFinetuner(StepTrainer):
         return summary
 
 
+def build_parser() -> HfArgumentParser:
+    return HfArgumentParser(FinetuneArguments)
+
+
 def main(argv: list[str] | None = None) -> None:
-    (args,) = HfArgumentParser(FinetuneArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = build_parser().parse_args_into_dataclasses(args=argv)
     trainer = CLIPFinetuner(args)
     summary = trainer.train()
     if trainer.rank == 0:

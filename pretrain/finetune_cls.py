@@ -322,8 +322,12 @@ class ClassificationFinetuner(StepTrainer):
         return summary
 
 
+def build_parser() -> HfArgumentParser:
+    return HfArgumentParser(FinetuneClsArguments)
+
+
 def main(argv: list[str] | None = None) -> None:
-    (args,) = HfArgumentParser(FinetuneClsArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = build_parser().parse_args_into_dataclasses(args=argv)
     trainer = ClassificationFinetuner(args)
     summary = trainer.train()
     if trainer.rank == 0:

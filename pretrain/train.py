@@ -15,8 +15,12 @@ from llava_uta.distributed import end_process_group
 from pretrain.engine import PretrainArguments, Pretrainer
 
 
+def build_parser() -> HfArgumentParser:
+    return HfArgumentParser(PretrainArguments)
+
+
 def main(argv: list[str] | None = None) -> None:
-    (args,) = HfArgumentParser(PretrainArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = build_parser().parse_args_into_dataclasses(args=argv)
     trainer = Pretrainer(args)
     summary = trainer.train()
     if trainer.rank == 0:

@@ -131,7 +131,7 @@ def train(train_csv: Path, out: Path, model_cfg: dict, steps: int, batch_size: i
     return log
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-uta-train-clip", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-csv", type=Path, required=True, help="CSV with filepath,title columns")
@@ -145,6 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--group-size", type=int, default=1,
                         help="batches are made of whole groups of this many consecutive CSV rows (hard negatives)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     model_cfg = json.loads(args.model_config.read_text()) if args.model_config else TINY_CLIP_CFG
     train(args.train_csv, args.out, model_cfg, args.steps, args.batch_size, args.lr, args.wd, args.warmup, args.seed,

@@ -110,3 +110,48 @@ def teacher_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("teacher") / "clip"
     save_local_dir(open_clip.CLIP(**TEACHER_CFG), TEACHER_CFG, out)
     return out
+
+
+# One tiny ShapesWorld for every test that reads one (32 px images; 64 CLIP and 64 pre-training images, 5 bench and
+# 8 grounding images, a few LLaVA samples). Tests read it, never write into it.
+TINY_WORLD = dict(image_size=32, num_clip=64, num_pretrain=64, num_zeroshot_per_class=1, num_stage1=4, num_stage2=4,
+                  num_text_instruct=16, num_bench_images=5, clip_group_size=2, num_grounding_images=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> Path:
+    from llava_uta.data.shapes import ShapesWorldConfig, build
+
+    out = tmp_path_factory.mktemp("tiny_world") / "shapes"
+    build(ShapesWorldConfig(**TINY_WORLD), out, workers=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llava_parts(tmp_path_factory) -> dict[str, Path]:
+    """A tiny sentencepiece tokenizer + Llama LM, a tiny UTA tower, and LLaVA stage-1 / stage-2 JSON with images."""
+    from llava_helpers import make_dataset, make_lm_dir, make_tokenizer_dir, make_tower_dir
+
+    root = tmp_path_factory.mktemp("llava_parts")
+    tok = make_tokenizer_dir(root / "tok")
+    make_dataset(root / "data", n=24, text_only=8)
+    make_dataset(root / "data", n=16, plain=True)
+    return {"root": root, "tok": tok, "lm": make_lm_dir(root / "lm", tok), "tower": make_tower_dir(root / "tower"),
+            "data": root / "data"}
+
+
+@pytest.fixture(scope="session")
+def llava_runs(llava_parts, tmp_path_factory) -> dict[str, Path]:
+    """Trained tiny LLaVA folders on llava_parts: stage 1 (4 steps), stage 2 and LoRA (2 steps each), a test image."""
+    from llava_helpers import llava_args, solid_image
+
+    from llava_uta.train.train import train
+
+    root = tmp_path_factory.mktemp("llava_runs")
+    train(llava_args(llava_parts, root / "stage1", stage=1))
+    adapter = {"pretrain_mm_mlp_adapter": root / "stage1" / "mm_projector.bin", "max_steps": 2}
+    train(llava_args(llava_parts, root / "stage2", stage=2, **adapter))
+    train(llava_args(llava_parts, root / "lora", stage=2, lora_enable=True, lora_r=4, lora_alpha=8, **adapter))
+    solid_image(root / "red.png", "red")
+    return {**llava_parts, "stage1": root / "stage1", "stage2": root / "stage2", "lora": root / "lora",
+            "image": root / "red.png"}

@@ -89,3 +89,27 @@ def make_dataset(root: Path, n: int = 16, text_only: int = 0, plain: bool = Fals
     path = root / ("pretrain.json" if plain else "instruct.json")
     path.write_text(json.dumps(samples))
     return path
+
+
+def llava_args(parts: dict[str, Path], out: Path, stage: int, projector: str = "mlp2x_gelu", **extra) -> list[str]:
+    """llava-uta-train flags for a few steps of stage 1 (plain) or stage 2 (v1) on the tiny parts."""
+    data = parts["data"] / ("pretrain.json" if stage == 1 else "instruct.json")
+    args = {
+        "model_name_or_path": parts["lm"],
+        "vision_tower": parts["tower"],
+        "version": "plain" if stage == 1 else "v1",
+        "mm_projector_type": projector,
+        "data_path": data,
+        "image_folder": parts["data"],
+        "output_dir": out,
+        "per_device_train_batch_size": 4,
+        "max_steps": 4,
+        "learning_rate": 1e-2 if stage == 1 else 1e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "weight_decay": 0.0,
+        "dataloader_num_workers": 0,
+        **({"tune_mm_mlp_adapter": True} if stage == 1 else {}),
+        **extra,
+    }
+    return [f"--{k}={v}" for k, v in args.items()]

@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from llava_uta.distributed import end_process_group
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,6 +58,7 @@ def test_end_process_group_without_a_group_does_nothing():
     end_process_group()  # a single process (the quickstart runs the trainers in-process): no group, no error
 
 
+@pytest.mark.slow
 def test_ranks_exit_cleanly_with_collectives_still_being_released(tmp_path):
     """With destroy_process_group alone, about half of such rank pairs abort at exit: a gloo worker thread releasing
     a tensor asks for the GIL while the interpreter finalizes, and CPython ends the thread inside a noexcept C++

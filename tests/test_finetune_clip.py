@@ -5,6 +5,7 @@ import io
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -14,9 +15,9 @@ import open_clip
 import pytest
 import torch
 from run_helpers import kill_when_written
+from tolerances import assert_close_to_scale, grads
 from transformers import HfArgumentParser
 
-from llava_uta.data.shapes import ShapesWorldConfig, build
 from llava_uta.eval.zeroshot import main as zeroshot_main
 from llava_uta.model.checkpoint import CheckpointError, load_state_dict_file, save_uta_vit
 from llava_uta.model.convert import convert
@@ -36,11 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("finetune") / "shapes"
-    build(ShapesWorldConfig(image_size=32, num_clip=64, num_pretrain=8, num_zeroshot_per_class=1, num_stage1=4,
-                            num_stage2=4, num_bench_images=2, clip_group_size=2), out, workers=1)
-    return out
+def world(tiny_world) -> Path:
+    return tiny_world
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +63,6 @@ def cli_flags(args: FinetuneArguments) -> list[str]:
     keys = ("train_data", "output_dir", "init", "text_model", "max_steps", "batch_size", "micro_batch_size", "lr",
             "warmup_steps", "workers", "save_every", "log_every", "drop_path")
     return [part for key in keys for part in (f"--{key}", str(getattr(args, key)))]
-
-
-def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("drop_path", [0.0, 0.2])
@@ -96,9 +90,8 @@ def test_accumulated_gradient_is_the_full_batch_gradient(world, towers, tmp_path
     loss = trainer.train_step([(images, tokens), (images2, tokens2)])
     got = grads(model)
     assert loss == pytest.approx(reference.item(), abs=1e-5)
-    assert expected.keys() == got.keys() and "visual.blocks.0.attn.q_proj.weight" in got
-    for name, value in expected.items():
-        assert torch.allclose(value, got[name], atol=1e-6, rtol=1e-4), name
+    assert "visual.blocks.0.attn.q_proj.weight" in got
+    assert_close_to_scale(expected, got, rel=1e-5)  # sums over 16 features in another order (see tolerances.py)
     assert "logit_scale" not in got  # the temperature is not trained
 
 
@@ -172,6 +165,7 @@ def test_locked_text_tower_is_not_trained(world, towers, tmp_path):
     assert all(torch.equal(v, trainer.model.text.state_dict()[k]) for k, v in before.items())
 
 
+@pytest.mark.slow
 def test_two_ranks_gather_the_global_batch_like_one_process(world, towers, tmp_path):
     """2 CPU ranks x micro-batch 8 (features gathered across ranks) follow 1 process x 2 cached micro-batches."""
     CLIPFinetuner(finetune_args(world, towers, tmp_path / "single")).train()
@@ -190,6 +184,19 @@ def test_two_ranks_gather_the_global_batch_like_one_process(world, towers, tmp_p
         assert torch.allclose(value, two[key], atol=1e-5), key
 
 
+def test_a_run_resumed_from_a_step_checkpoint_ends_with_the_same_weights(world, towers, tmp_path):
+    """The fast tier's exact resume: a copied step checkpoint (drop path on) resumes in-process, bit for bit."""
+    recipe = dict(max_steps=4, save_every=2, drop_path=0.1)
+    CLIPFinetuner(finetune_args(world, towers, tmp_path / "straight", **recipe)).train()
+    shutil.copytree(tmp_path / "straight/checkpoints/step_00000002", tmp_path / "resumed/checkpoints/step_00000002")
+    CLIPFinetuner(finetune_args(world, towers, tmp_path / "resumed", resume=True, **recipe)).train()
+    expected = load_state_dict_file(tmp_path / "straight/uta_clip.safetensors")
+    got = load_state_dict_file(tmp_path / "resumed/uta_clip.safetensors")
+    for key, value in expected.items():
+        assert torch.equal(value, got[key]), key
+
+
+@pytest.mark.slow
 def test_killed_and_resumed_run_ends_with_the_same_weights(world, towers, tmp_path):
     CLIPFinetuner(finetune_args(world, towers, tmp_path / "straight", max_steps=8, save_every=2,
                                 drop_path=0.1)).train()

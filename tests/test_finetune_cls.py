@@ -4,6 +4,7 @@ output through timm, the recipe scripts and clear errors."""
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +111,7 @@ def test_layer_decay_scales_follow_eva02(shape_folders, tmp_path):
     assert len(lr_of) == sum(1 for _ in trainer.model.parameters())
 
 
+@pytest.mark.slow
 def test_two_ranks_follow_one_process_with_accumulation(shape_folders, tmp_path):
     """2 CPU ranks x micro-batch 8 (DDP) and 1 process x 2 accumulated micro-batches: the same losses and weights."""
     ClassificationFinetuner(cls_args(shape_folders, tmp_path / "single", drop_path=0.0)).train()
@@ -129,6 +131,22 @@ def test_two_ranks_follow_one_process_with_accumulation(shape_folders, tmp_path)
     assert summaries[0]["val"] == pytest.approx(summaries[1]["val"])  # the val split evaluated across ranks
 
 
+def test_a_run_resumed_from_a_step_checkpoint_ends_with_the_same_weights(shape_folders, tmp_path):
+    """The fast tier's exact resume (in-process, no data workers): a copied step checkpoint with mixup, cutmix, drop
+    path and EMA resumes to the uninterrupted run's weights and EMA."""
+    recipe = dict(max_steps=4, save_every=2, drop_path=0.1, mixup=0.8, cutmix=1.0, model_ema=True,
+                  model_ema_decay=0.9)
+    ClassificationFinetuner(cls_args(shape_folders, tmp_path / "straight", **recipe)).train()
+    shutil.copytree(tmp_path / "straight/checkpoints/step_00000002", tmp_path / "resumed/checkpoints/step_00000002")
+    ClassificationFinetuner(cls_args(shape_folders, tmp_path / "resumed", resume=True, **recipe)).train()
+    for name in ("model.safetensors", "ema.safetensors"):
+        expected = load_state_dict_file(tmp_path / "straight" / name)
+        got = load_state_dict_file(tmp_path / "resumed" / name)
+        for key, value in expected.items():
+            assert torch.equal(value, got[key]), (name, key)
+
+
+@pytest.mark.slow
 def test_killed_and_resumed_run_ends_with_the_same_weights(shape_folders, tmp_path):
     """RandAugment, mixup + cutmix, drop path, EMA and two data workers: a SIGKILLed run resumes exactly."""
     recipe = dict(max_steps=6, save_every=2, drop_path=0.1, mixup=0.8, cutmix=1.0, model_ema=True,

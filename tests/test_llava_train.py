@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from llava_helpers import make_dataset, make_lm_dir, make_tokenizer_dir, make_tower_dir
+from llava_helpers import llava_args
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlavaForConditionalGeneration, set_seed
 
@@ -31,56 +31,6 @@ LLAVA_KEYS = {
 }
 
 
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("llava_parts")
-    tok = make_tokenizer_dir(root / "tok")
-    make_dataset(root / "data", n=24, text_only=8)
-    make_dataset(root / "data", n=16, plain=True)
-    return {
-        "root": root,
-        "lm": make_lm_dir(root / "lm", tok),
-        "tower": make_tower_dir(root / "tower"),
-        "data": root / "data",
-    }
-
-
-def _args(parts, out: Path, stage: int, projector: str = "mlp2x_gelu", **extra) -> list[str]:
-    data = parts["data"] / ("pretrain.json" if stage == 1 else "instruct.json")
-    args = {
-        "model_name_or_path": parts["lm"],
-        "vision_tower": parts["tower"],
-        "version": "plain" if stage == 1 else "v1",
-        "mm_projector_type": projector,
-        "data_path": data,
-        "image_folder": parts["data"],
-        "output_dir": out,
-        "per_device_train_batch_size": 4,
-        "max_steps": 4,
-        "learning_rate": 1e-2 if stage == 1 else 1e-3,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "weight_decay": 0.0,
-        "dataloader_num_workers": 0,
-        **({"tune_mm_mlp_adapter": True} if stage == 1 else {}),
-        **extra,
-    }
-    return [f"--{k}={v}" for k, v in args.items()]
-
-
-def train_stage1_and_stage2(root: Path) -> dict[str, Path]:
-    """Tiny tokenizer, LM, tower and data under `root`, then stage 1 (1 step) and stage 2 (2 steps) on them."""
-    tok = make_tokenizer_dir(root / "tok")
-    make_dataset(root / "data", n=8)
-    make_dataset(root / "data", n=8, plain=True)
-    parts = {"root": root, "lm": make_lm_dir(root / "lm", tok), "tower": make_tower_dir(root / "tower"),
-             "data": root / "data"}
-    train(_args(parts, root / "stage1", stage=1, max_steps=1))
-    train(_args(parts, root / "stage2", stage=2, pretrain_mm_mlp_adapter=root / "stage1" / "mm_projector.bin",
-                max_steps=2))
-    return {**parts, "stage1": root / "stage1", "stage2": root / "stage2"}
-
-
 def _reference(parts, projector: str) -> LlavaForConditionalGeneration:
     """The model a run starts from: same build, same seed."""
     set_seed(42)
@@ -93,15 +43,18 @@ def _losses(trainer) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def stage1(parts) -> Path:
-    out = parts["root"] / "stage1"
-    train(_args(parts, out, stage=1))
-    return out
+def parts(llava_parts) -> dict[str, Path]:
+    return llava_parts
+
+
+@pytest.fixture(scope="module")
+def stage1(llava_runs) -> Path:
+    return llava_runs["stage1"]
 
 
 @pytest.mark.parametrize("projector", ["linear", "mlp2x_gelu"])
 def test_stage1_trains_only_the_projector_and_writes_llava_keys(parts, tmp_path, projector):
-    trainer = train(_args(parts, tmp_path, stage=1, projector=projector))
+    trainer = train(llava_args(parts, tmp_path, stage=1, projector=projector))
     trained, reference = trainer.model, _reference(parts, projector)
     reference_params = dict(reference.named_parameters())
     changed = {n for n, p in trained.named_parameters() if not torch.equal(p, reference_params[n])}
@@ -126,7 +79,7 @@ def test_stage1_trains_only_the_projector_and_writes_llava_keys(parts, tmp_path,
 def test_stage2_learns_keeps_the_tower_and_reloads_in_a_fresh_process(parts, stage1, tmp_path):
     out = tmp_path / "stage2"
     extra = {"pretrain_mm_mlp_adapter": stage1 / "mm_projector.bin", "max_steps": 16, "group_by_modality_length": True}
-    trainer = train(_args(parts, out, stage=2, **extra))
+    trainer = train(llava_args(parts, out, stage=2, **extra))
     losses = _losses(trainer)
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.2
     reference = dict(_reference(parts, "mlp2x_gelu").named_parameters())
@@ -152,7 +105,7 @@ def test_stage2_learns_keeps_the_tower_and_reloads_in_a_fresh_process(parts, sta
 
 
 def test_text_only_batches_still_run_the_projector(parts, stage1, tmp_path):
-    trainer = train(_args(parts, tmp_path, stage=2, max_steps=1))
+    trainer = train(llava_args(parts, tmp_path, stage=2, max_steps=1))
     model = trainer.model.train()
     batch = trainer.data_collator([trainer.train_dataset[i] for i in (24, 25)])
     assert "pixel_values" not in batch
@@ -172,7 +125,7 @@ def test_lora_save_load_merge_gives_the_unmerged_outputs(parts, stage1, tmp_path
         "mm_projector_lr": 1e-3,
         "learning_rate": 1e-2,
     }
-    trainer = train(_args(parts, out, stage=2, **extra))
+    trainer = train(llava_args(parts, out, stage=2, **extra))
     assert {"adapter_model.safetensors", "adapter_config.json", "non_lora_trainables.safetensors"} <= set(
         os.listdir(out)
     )
@@ -202,7 +155,7 @@ def test_unfrozen_tower_trains_at_its_own_lr_and_is_saved(parts, stage1, tmp_pat
              "mm_vision_tower_lr": 3e-3, "mm_projector_lr": 2e-3, "learning_rate": 1e-3}
     if lora:
         extra |= {"lora_enable": True, "lora_r": 4, "lora_alpha": 8}
-    trainer = train(_args(parts, out, stage=2, **extra))
+    trainer = train(llava_args(parts, out, stage=2, **extra))
     model = trainer.model
     llava = model.get_base_model() if lora else model
     reference = dict(_reference(parts, "mlp2x_gelu").named_parameters())
@@ -242,10 +195,10 @@ def test_own_learning_rates_that_would_be_ignored_are_errors(tmp_path):
 
 
 def test_resume_from_checkpoint_matches_an_uninterrupted_run(parts, tmp_path):
-    full = train(_args(parts, tmp_path / "full", stage=2, save_strategy="steps", save_steps=2))
+    full = train(llava_args(parts, tmp_path / "full", stage=2, save_strategy="steps", save_steps=2))
     assert {"checkpoint-2", "checkpoint-4"} <= set(os.listdir(tmp_path / "full"))
     resumed = train(
-        _args(parts, tmp_path / "resumed", stage=2, resume_from_checkpoint=tmp_path / "full" / "checkpoint-2")
+        llava_args(parts, tmp_path / "resumed", stage=2, resume_from_checkpoint=tmp_path / "full" / "checkpoint-2")
     )
     assert resumed.state.global_step == 4
     ours = dict(resumed.model.named_parameters())
@@ -277,12 +230,13 @@ def _trainer_state(out: Path) -> tuple[int, list[float]]:
     return state["global_step"], [entry["loss"] for entry in state["log_history"] if "loss" in entry]
 
 
+@pytest.mark.slow
 @pytest.mark.deepspeed
 def test_deepspeed_zero2_on_two_cpu_ranks(parts, stage1, tmp_path):
     """Two ranks really share the data: 32 samples / (4 per rank x 2 ranks) = 4 steps for one epoch; the tower
     trains there too (--unfreeze_mm_vision_tower, whose last block is unused at select layer -2)."""
     out = tmp_path / "ds"
-    args = _args(
+    args = llava_args(
         parts, out, stage=2, pretrain_mm_mlp_adapter=stage1 / "mm_projector.bin", group_by_modality_length=True,
         unfreeze_mm_vision_tower=True, mm_vision_tower_lr=1e-3,
     )
@@ -322,13 +276,13 @@ def _zero3_stage2_args(parts, out: Path, stage1_out: Path) -> list[str]:
     """4 steps (one epoch on 2 ranks) from the ZeRO-3 stage-1 projector, checkpoint-2 and checkpoint-4 on the way."""
     adapter = stage1_out / "mm_projector.bin"
     extra = {"save_strategy": "steps", "save_steps": 2, "group_by_modality_length": True}
-    return _args(parts, out, stage=2, deepspeed=ZERO3, pretrain_mm_mlp_adapter=adapter, **extra)
+    return llava_args(parts, out, stage=2, deepspeed=ZERO3, pretrain_mm_mlp_adapter=adapter, **extra)
 
 
 @pytest.fixture(scope="module")
 def zero3_stage1(parts) -> Path:
     out = parts["root"] / "zero3_stage1"
-    return _train_and_record(out, _args(parts, out, stage=1, deepspeed=ZERO3))
+    return _train_and_record(out, llava_args(parts, out, stage=1, deepspeed=ZERO3))
 
 
 @pytest.fixture(scope="module")
@@ -337,6 +291,7 @@ def zero3_stage2(parts, zero3_stage1) -> Path:
     return _train_and_record(out, _zero3_stage2_args(parts, out, zero3_stage1))
 
 
+@pytest.mark.slow
 @pytest.mark.deepspeed
 def test_deepspeed_zero3_stage1_saves_the_trained_projector(parts, zero3_stage1):
     """Under ZeRO-3 every weight is partitioned; mm_projector.bin must hold the full trained projector."""
@@ -350,6 +305,7 @@ def test_deepspeed_zero3_stage1_saves_the_trained_projector(parts, zero3_stage1)
     torch.testing.assert_close(reloaded, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.deepspeed
 def test_deepspeed_zero3_stage2_saves_full_weights(zero3_stage2):
     steps, losses = _trainer_state(zero3_stage2)
@@ -359,6 +315,7 @@ def test_deepspeed_zero3_stage2_saves_full_weights(zero3_stage2):
     torch.testing.assert_close(reloaded, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.deepspeed
 def test_deepspeed_zero3_relaunch_resumes_from_the_last_checkpoint(parts, zero3_stage1, zero3_stage2, tmp_path):
     """A run killed after checkpoint-2, relaunched unchanged, ends where the uninterrupted run ended."""

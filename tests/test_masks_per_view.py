@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pretrain_engine import engine_args
+from run_helpers import engine_args
+from tolerances import assert_close_to_scale, grads
 from transformers import HfArgumentParser
 
-from llava_uta.data.shapes import ShapesWorldConfig, build
 from llava_uta.model.checkpoint import load_state_dict_file
 from llava_uta.model.uta_vit import build_uta_vit
 from pretrain.data import MaskedViews, mask_seed, sample_seed
@@ -19,11 +19,8 @@ from pretrain.objectives import objective_loss
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("masks_per_view") / "shapes"
-    build(ShapesWorldConfig(image_size=32, num_clip=8, num_pretrain=48, num_zeroshot_per_class=1, num_stage1=4,
-                            num_stage2=4, num_bench_images=2, clip_group_size=2), out, workers=1)
-    return out
+def world(tiny_world) -> Path:
+    return tiny_world
 
 
 def views(masks_per_view: int, pairing: str = "independent", kind: str = "reversed_block", grid: int = 4,
@@ -33,16 +30,10 @@ def views(masks_per_view: int, pairing: str = "independent", kind: str = "revers
                        masks_per_view=masks_per_view, pairing=pairing)
 
 
-def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def assert_same_grads(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
     """Equal to 1e-6 of each tensor's scale (fp32 sums in another order; the tiny student's grads reach ~100)."""
-    assert expected.keys() == got.keys() and "head.weight" in got
-    for name, grad in got.items():
-        scale = max(1.0, expected[name].abs().max().item())
-        assert (expected[name] - grad).abs().max().item() <= 1e-6 * scale, name
+    assert "head.weight" in got
+    assert_close_to_scale(expected, got, rel=1e-6)
 
 
 @pytest.mark.parametrize("objective", ["uta", "mim"])
@@ -152,18 +143,18 @@ def test_one_teacher_forward_serves_m_passes_of_an_engine_micro_step(world, teac
 
 
 def test_a_run_with_two_masks_per_view_resumes_exactly(world, teacher_dir, tmp_path):
-    """48 images, batch 16: 3 steps an epoch; killed after step 2, resumed across the epoch boundary."""
+    """64 images, batch 16: 4 steps an epoch; stopped after step 2, resumed across the epoch boundary to step 6."""
     run = lambda name, **extra: Pretrainer(engine_args(  # noqa: E731
-        world, teacher_dir, tmp_path / name, masks_per_view=2, mask_pairing="complement", save_every=2,
+        world, teacher_dir, tmp_path / name, masks_per_view=2, mask_pairing="complement", save_every=2, max_steps=6,
         **extra)).train()
     summary = run("straight")
-    assert summary["steps"] == 4 and summary["passes_per_s"] == pytest.approx(2 * summary["images_per_s"])
+    assert summary["steps"] == 6 and summary["passes_per_s"] == pytest.approx(2 * summary["images_per_s"])
     for record in map(json.loads, (tmp_path / "straight/log.jsonl").read_text().splitlines()):
         assert record["passes_per_s"] == pytest.approx(2 * record["images_per_s"])
         assert record["tokens_per_s"] == pytest.approx(record["images_per_s"] * 2 * (1 + 8))  # M passes of CLS + K
     (tmp_path / "resumed/checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "straight/checkpoints/step_00000002", tmp_path / "resumed/checkpoints/step_00000002")
-    assert run("resumed", resume=True)["steps"] == 4
+    assert run("resumed", resume=True)["steps"] == 6
     expected = load_state_dict_file(tmp_path / "straight/student.safetensors")
     got = load_state_dict_file(tmp_path / "resumed/student.safetensors")
     for key, value in expected.items():

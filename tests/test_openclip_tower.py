@@ -8,10 +8,9 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from llava_helpers import make_dataset, make_lm_dir, make_tokenizer_dir, solid_image, tiny_llama_config
+from llava_helpers import llava_args, solid_image, tiny_llama_config
 from open_clip.constants import OPENAI_DATASET_MEAN
 from PIL import Image
-from test_llava_train import _args
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from llava_uta.model.convert import main as convert_main
@@ -48,8 +47,8 @@ def teacher(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Path:
-    return make_tokenizer_dir(tmp_path_factory.mktemp("tok"))
+def tok(llava_parts) -> Path:
+    return llava_parts["tok"]
 
 
 @pytest.fixture(scope="module")
@@ -151,15 +150,13 @@ def test_llava_on_the_converted_tower(tok, tower, select_feature):
     assert [f.shape for f in out.image_outputs.pooler_output] == [(n_tokens, 64)]
 
 
-def test_llava_trains_and_serves_on_the_converted_tower(tmp_path, tok, tower):
-    make_dataset(tmp_path / "data", n=4)
-    make_dataset(tmp_path / "data", n=4, plain=True)
-    parts = {"root": tmp_path, "lm": make_lm_dir(tmp_path / "lm", tok), "tower": tower, "data": tmp_path / "data"}
-    train(_args(parts, tmp_path / "stage1", stage=1, max_steps=1))
+def test_llava_trains_and_serves_on_the_converted_tower(tmp_path, llava_parts, tower):
+    parts = {**llava_parts, "tower": tower}
+    train(llava_args(parts, tmp_path / "stage1", stage=1, max_steps=1))
     adapter = tmp_path / "stage1" / "mm_projector.bin"
-    train(_args(parts, tmp_path / "stage2", stage=2, max_steps=1, pretrain_mm_mlp_adapter=adapter))
+    train(llava_args(parts, tmp_path / "stage2", stage=2, max_steps=1, pretrain_mm_mlp_adapter=adapter))
     solid_image(tmp_path / "red.png", "red")
-    for folder, base in ((tmp_path / "stage1", tmp_path / "lm"), (tmp_path / "stage2", None)):
+    for folder, base in ((tmp_path / "stage1", parts["lm"]), (tmp_path / "stage2", None)):
         loaded = load_pretrained_model(folder, base, device="cpu")
         assert isinstance(loaded.model.model.vision_tower, CLIPVisionModel)
         answer = ChatSession(loaded, image=Image.open(tmp_path / "red.png")).answer("What is it?", max_new_tokens=3)

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import kill_when_written
+from run_helpers import cli_flags, engine_args, kill_when_written
 from timm.layers import drop_path
 from transformers import HfArgumentParser
 
-from llava_uta.data.shapes import ShapesWorldConfig, build
 from llava_uta.model.checkpoint import load_state_dict_file
 from llava_uta.model.uta_vit import build_uta_vit
 from pretrain.engine import PretrainArguments, Pretrainer
@@ -25,28 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pretrain") / "shapes"
-    build(ShapesWorldConfig(image_size=32, num_clip=8, num_pretrain=64, num_zeroshot_per_class=1, num_stage1=4,
-                            num_stage2=4, num_bench_images=2, clip_group_size=2), out, workers=1)
-    return out
-
-
-def engine_args(world: Path, teacher: Path, out: Path, **overrides) -> PretrainArguments:
-    args = dict(data_path=str(world / "pretrain/train"), output_dir=str(out), teacher=f"local-dir:{teacher}",
-                model="uta_test_p8_32", mask_ratio=0.5, max_steps=4, batch_size=16, micro_batch_size=8, lr=1e-3,
-                warmup_steps=1, workers=0, save_every=100, log_every=1, drop_path=0.1, crop_min_scale=0.5)
-    args.update(overrides)
-    return PretrainArguments(**args)
-
-
-def cli_flags(args: PretrainArguments) -> list[str]:
-    flags = []
-    for key in ("data_path", "output_dir", "teacher", "model", "mask_ratio", "max_steps", "batch_size",
-                "micro_batch_size", "lr", "warmup_steps", "workers", "save_every", "log_every", "drop_path",
-                "crop_min_scale"):
-        flags += [f"--{key}", str(getattr(args, key))]
-    return flags
+def world(tiny_world) -> Path:
+    return tiny_world
 
 
 def test_alignment_is_minus_one_when_the_student_reproduces_the_teacher():
@@ -104,12 +83,27 @@ def test_a_step_trains_the_student_only(world, teacher_dir, tmp_path):
     assert list((tmp_path / "run/tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_a_run_resumed_from_a_step_checkpoint_ends_with_the_same_weights(world, teacher_dir, tmp_path):
+    """The fast tier's exact resume: a copy of a step checkpoint (weights, optimizer, RNG, data position) resumes
+    in-process to the uninterrupted run's weights, bit for bit."""
+    straight = engine_args(world, teacher_dir, tmp_path / "straight", max_steps=6, save_every=2)
+    Pretrainer(straight).train()
+    shutil.copytree(tmp_path / "straight/checkpoints/step_00000002", tmp_path / "resumed/checkpoints/step_00000002")
+    resumed = engine_args(world, teacher_dir, tmp_path / "resumed", max_steps=6, save_every=2, resume=True)
+    assert Pretrainer(resumed).train()["steps"] == 6
+    expected = load_state_dict_file(tmp_path / "straight/student.safetensors")
+    got = load_state_dict_file(tmp_path / "resumed/student.safetensors")
+    for key, value in expected.items():
+        assert torch.equal(value, got[key]), key
+
+
+@pytest.mark.slow
 def test_killed_and_resumed_run_ends_with_the_same_weights(world, teacher_dir, tmp_path):
-    straight = engine_args(world, teacher_dir, tmp_path / "straight", max_steps=30, save_every=3)
+    straight = engine_args(world, teacher_dir, tmp_path / "straight", max_steps=8, save_every=2)
     Pretrainer(straight).train()
 
-    resumed = engine_args(world, teacher_dir, tmp_path / "resumed", max_steps=30, save_every=3)
-    checkpoint = tmp_path / "resumed/checkpoints/step_00000003"
+    resumed = engine_args(world, teacher_dir, tmp_path / "resumed", max_steps=8, save_every=2)
+    checkpoint = tmp_path / "resumed/checkpoints/step_00000002"
     kill_when_written("pretrain.train", cli_flags(resumed), checkpoint, timeout=120)
     assert checkpoint.is_dir() and not (tmp_path / "resumed/student.safetensors").exists()  # killed mid-run
     resumed.resume = True
@@ -213,6 +207,7 @@ def test_bad_arguments_are_named(world, teacher_dir, tmp_path):
         Pretrainer(engine_args(world, teacher_dir, tmp_path, data_path=str(tmp_path / "nothing*.tar")))
 
 
+@pytest.mark.slow
 @pytest.mark.deepspeed
 def test_two_deepspeed_ranks_follow_one_process(world, teacher_dir, tmp_path):
     """2 CPU ranks (ZeRO-2) with micro-batch 8 see the same global batches as 1 process with accumulation."""
@@ -231,6 +226,7 @@ def test_two_deepspeed_ranks_follow_one_process(world, teacher_dir, tmp_path):
     assert losses[0][-1] < losses[0][0]
 
 
+@pytest.mark.slow
 @pytest.mark.deepspeed
 def test_bf16_deepspeed_ranks_export_fp32_masters_and_keep_their_own_rng(world, teacher_dir, tmp_path):
     """2 CPU ranks, ZeRO-1, --bf16, drop path: fp32 export, per-rank RNG, and an exact 2-rank resume."""
@@ -325,6 +321,7 @@ def test_fp8_teacher_cache_trains_like_the_fp16_one(world, teacher_dir, tmp_path
     assert losses["fp8"] == pytest.approx(losses["fp16"], abs=2e-3)
 
 
+@pytest.mark.slow
 def test_a_compiled_teacher_trains_like_the_eager_one(world, teacher_dir, tmp_path):
     runs = {compiled: Pretrainer(engine_args(world, teacher_dir, tmp_path / str(compiled), compile_teacher=compiled,
                                              drop_path=0.0)) for compiled in (False, True)}

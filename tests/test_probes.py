@@ -14,7 +14,6 @@ from PIL import Image
 from transformers import AutoModel
 
 from llava_uta.data.image_folder import ImageDataError, checked_image_folder, limit_per_class
-from llava_uta.data.shapes import ShapesWorldConfig, build
 from llava_uta.data.shapes.scene import COLORS, render, sample_scene
 from llava_uta.eval.probe.data import BACKGROUND, ProbeDataError, label_patches, patch_labels
 from llava_uta.eval.probe.linear import fit_linear_probe, majority_chance
@@ -37,12 +36,8 @@ COMMON = ["--workers", "0", "--device", "cpu", "--batch-size", "32"]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("probe") / "shapes"
-    cfg = ShapesWorldConfig(image_size=32, num_clip=8, num_pretrain=64, num_zeroshot_per_class=1, num_stage1=4,
-                            num_stage2=4, num_bench_images=2, clip_group_size=2, num_grounding_images=8)
-    build(cfg, out, workers=1)
-    return out
+def world(tiny_world) -> Path:
+    return tiny_world
 
 
 @pytest.fixture(scope="module")
@@ -237,8 +232,11 @@ def test_patchprobe_cli_end_to_end(world, student, tmp_path):
     out = tmp_path / "probe" / "patch.json"
     patchprobe_main(["--data", str(world), "--tower", f"uta={student}", "--random-init", "--out", str(out), *COMMON])
     saved = json.loads(out.read_text())
+    counts = json.loads((world / "manifest.json").read_text())["counts"]
+    held_out = counts["eval/grounding/images"] + counts["eval/llava-bench-shapes/images"]  # the default test dirs
     assert [t["label"] for t in saved["towers"]] == ["uta", "random init (uta)"]
-    assert saved["towers"][1]["random_init"] and saved["n_train_images"] == 64 and saved["n_test_images"] == 10
+    assert saved["towers"][1]["random_init"] and saved["n_train_images"] == counts["pretrain/train"]
+    assert saved["n_test_images"] == held_out
     for tower in saved["towers"]:
         assert set(tower["probes"]) == {"color", "shape", "size"}
         assert all(0 <= p["top1"] <= 1 and p["n_test"] == saved["patch_counts"]["4x4"]["test"]
@@ -253,7 +251,7 @@ def test_patchprobe_cli_end_to_end(world, student, tmp_path):
                      "--include-background", "--attributes", "color", "--test-dir", "eval/grounding/images",
                      "--max-train-images", "20", "--layer", "0", "--out", str(tmp_path / "c.json"), *COMMON])
     centers = json.loads((tmp_path / "c.json").read_text())
-    assert centers["n_train_images"] == 20 and centers["n_test_images"] == 8
+    assert centers["n_train_images"] == 20 and centers["n_test_images"] == counts["eval/grounding/images"]
     assert centers["classes"]["color"][-1] == BACKGROUND
 
     patchprobe_main(["--data", str(world), "--tower", f"uta={student}", "--patches", "centers", "--window", "3",

@@ -1,4 +1,6 @@
-"""`llava-uta-quickstart --fast --compare` end to end: every artifact, numbers above chance, resume, budgets."""
+"""`llava-uta-quickstart`: the stages as data (each stage's flags parsed by its tool's own parser, the orchestration
+with stand-in stages, the report and the study tables from canned results) in the fast tier; `--fast --compare` end to
+end (every artifact, numbers above chance, resume, budgets) in the slow tier."""
 
 from __future__ import annotations
 
@@ -15,7 +17,17 @@ from transformers import AutoModel
 import llava_uta.model  # noqa: F401  (registers the UTA tower with AutoModel)
 from llava_uta.eval.llavabench.jsonl import read_jsonl
 from llava_uta.quickstart import study
-from llava_uta.quickstart.pipeline import EQUAL_WALL_CLOCK, PROBED, STUDENTS, TOWERS, Layout, RunState
+from llava_uta.quickstart.pipeline import (
+    EQUAL_WALL_CLOCK,
+    PROBED,
+    STUDENTS,
+    TOWERS,
+    Layout,
+    Pipeline,
+    RunState,
+    run_stages,
+    tool_module,
+)
 from llava_uta.quickstart.profiles import PROFILES, get_profile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +48,7 @@ def run(tmp_path_factory) -> tuple[Layout, str]:
     return Layout(root / "data", root / "runs"), quickstart(root)
 
 
+@pytest.mark.slow
 def test_every_artifact_exists(run):
     paths, _ = run
     expected = [paths.data / "manifest.json", paths.teacher / "open_clip_model.safetensors",
@@ -54,6 +67,7 @@ def test_every_artifact_exists(run):
     assert all(p.stat().st_size > 5_000 for p in paths.plots.glob("*.png"))
 
 
+@pytest.mark.slow
 def test_key_numbers_are_above_chance(run):
     paths, _ = run
     chance = 1 / len(json.loads((paths.data / "zeroshot" / "classnames.json").read_text()))
@@ -71,6 +85,7 @@ def test_key_numbers_are_above_chance(run):
         assert len(reviews) == 12 and not any("error" in r for r in reviews)
 
 
+@pytest.mark.slow
 def test_results_report_every_model_and_equal_wall_clock_budgets(run):
     paths, stdout = run
     text = paths.results.read_text()
@@ -86,6 +101,7 @@ def test_results_report_every_model_and_equal_wall_clock_budgets(run):
         assert budget <= summaries[name]["train_seconds"] + 0.05 < budget + 3 * budget / summaries[name]["steps"]
 
 
+@pytest.mark.slow
 def test_fine_tuning_starts_from_the_uta_row_and_is_reported(run):
     """Before fine-tuning, the UTA student with the teacher's text tower is exactly the zero-shot table's UTA row."""
     paths, _ = run
@@ -97,6 +113,7 @@ def test_fine_tuning_starts_from_the_uta_row_and_is_reported(run):
     assert row in paths.results.read_text()
 
 
+@pytest.mark.slow
 def test_rerun_skips_every_stage(run):
     paths, _ = run
     before = paths.state.read_text()
@@ -106,14 +123,7 @@ def test_rerun_skips_every_stage(run):
     assert paths.state.read_text() == before
 
 
-def test_other_budgets_in_the_same_runs_folder_are_refused(run):
-    paths, _ = run
-    with pytest.raises(ValueError, match="other budgets"):
-        RunState(paths.state, get_profile("fast", student_steps=7), "fast")
-    with pytest.raises(ValueError, match="unknown profile"):
-        get_profile("huge")
-
-
+@pytest.mark.slow
 def test_blind_baseline_is_scored_like_every_tower(run):
     """The blind row: same recipe, same questions, same scoring; its tower gives one set of tokens for all images."""
     paths, _ = run
@@ -135,6 +145,7 @@ def test_blind_baseline_is_scored_like_every_tower(run):
     torch.testing.assert_close(tokens[0], tokens[1])
 
 
+@pytest.mark.slow
 def test_the_lm_is_instruction_tuned_in_words_and_asked_in_words(run):
     """The LLM LLaVA starts from: LM steps, then instruction tuning; its in-words row asks the towers' questions."""
     paths, _ = run
@@ -146,6 +157,7 @@ def test_the_lm_is_instruction_tuned_in_words_and_asked_in_words(run):
     assert "| tiny LM alone, the scene in words (no image) |" in paths.results.read_text()
 
 
+@pytest.mark.slow
 def test_probes_and_classification_set_each_tower_against_its_random_init_floor(run):
     paths, _ = run
     text = paths.results.read_text()
@@ -162,6 +174,7 @@ def test_probes_and_classification_set_each_tower_against_its_random_init_floor(
     assert top1["uta"] > top1["random"] + 0.05  # fine-tuning the UTA student beats its random-init twin
 
 
+@pytest.mark.slow
 def test_study_draws_curves_over_seeds_from_the_quickstart_teacher(run, capsys):
     paths, _ = run
     names = ["uta", "fd", "uta-m2"]
@@ -204,3 +217,169 @@ def test_study_draws_curves_over_seeds_from_the_quickstart_teacher(run, capsys):
         study.main([*argv, "--cache-views", "1"])
     with pytest.raises(SystemExit, match="no teacher CLIP"):
         study.main(["--profile", "fast", "--data", str(paths.data), "--runs", str(paths.runs / "nowhere")])
+
+
+# ---- fast tier: the stages as data, the orchestration with stand-ins, the report and the study from canned results
+
+
+def canned_uta_summary(paths: Layout, seconds: float = 12.5) -> None:
+    """What uta-pretrain writes at the end of a run, as the later stages' flags read it."""
+    folder = paths.student("uta")
+    folder.mkdir(parents=True, exist_ok=True)
+    zeroshot = {"top1": 0.25, "top5": 0.6}
+    (folder / "summary.json").write_text(json.dumps({
+        "steps": 60, "train_seconds": seconds, "images_per_s": 300.0, "student_tflops": 0.01,
+        "zeroshot": zeroshot, "teacher_zeroshot": {"top1": 0.5, "top5": 0.9}}))
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_every_stage_is_a_tool_whose_own_parser_takes_its_flags(profile, tmp_path):
+    """Flag drift: every stage's argv is parsed by the parser of the console script it runs."""
+    paths = Layout(tmp_path / "data", tmp_path / "runs")
+    canned_uta_summary(paths)  # the objective baselines' time budget is UTA's measured seconds
+    stages = Pipeline(paths, get_profile(profile)).stages(compare=True)
+    assert len({s.key for s in stages}) == len(stages)
+    for stage in stages:
+        parser = tool_module(stage.tool).build_parser()
+        parser.parse_args(stage.argv())  # exits (SystemExit) on an unknown or malformed flag
+        assert stage.command().startswith(stage.tool + " ")
+    budgets = {s.key: s.argv() for s in stages if s.tool == "uta-pretrain"}
+    for name in EQUAL_WALL_CLOCK:
+        argv = budgets[f"student-{name}"]
+        assert argv[argv.index("--max_train_seconds") + 1] == "12.5"
+
+
+def test_dry_run_prints_every_stage_command_and_runs_nothing(tmp_path, capsys):
+    from llava_uta.quickstart.__main__ import main
+
+    main(["--fast", "--dry-run", "--data", str(tmp_path / "data"), "--runs", str(tmp_path / "runs")])
+    out = capsys.readouterr().out.splitlines()
+    commands = [line for line in out if not line.startswith("# ")]
+    stages = Pipeline(Layout(tmp_path / "data", tmp_path / "runs"), get_profile("fast")).stages(compare=False)
+    assert commands == [s.command() for s in stages]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+
+
+class StandIn:
+    """Replaces run_stage: writes each stage's output (or fails at one stage) and records what ran."""
+
+    def __init__(self, fail: str | None = None, skip_output: str | None = None):
+        self.ran, self.fail, self.skip_output = [], fail, skip_output
+
+    def __call__(self, stage) -> None:
+        self.ran.append(stage.key)
+        if stage.key == self.fail:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the stage
+        if stage.key != self.skip_output:
+            stage.output.parent.mkdir(parents=True, exist_ok=True)
+            stage.output.write_text("done")
+
+
+def test_finished_stages_are_skipped_and_an_interrupted_run_resumes(tmp_path, monkeypatch):
+    from llava_uta.quickstart import pipeline
+
+    paths = Layout(tmp_path / "data", tmp_path / "runs")
+    canned_uta_summary(paths)
+    profile = get_profile("fast")
+    stages = Pipeline(paths, profile).stages(compare=True)
+    keys = [s.key for s in stages]
+    interrupted = StandIn(fail="stage2-uta")
+    monkeypatch.setattr(pipeline, "run_stage", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_stages(stages, RunState(paths.state, profile, "fast"))
+    assert interrupted.ran == keys[: keys.index("stage2-uta") + 1]
+    assert list(json.loads(paths.state.read_text())["stages"]) == keys[: keys.index("stage2-uta")]
+
+    resumed = StandIn()
+    monkeypatch.setattr(pipeline, "run_stage", resumed)
+    run_stages(stages, RunState(paths.state, profile, "fast"))  # a new process would read quickstart.json again
+    assert resumed.ran == keys[keys.index("stage2-uta"):]
+    record = paths.state.read_text()
+
+    again = StandIn()
+    monkeypatch.setattr(pipeline, "run_stage", again)
+    run_stages(stages, RunState(paths.state, profile, "fast"))
+    assert again.ran == [] and paths.state.read_text() == record
+    paths.tower("blind").joinpath("config.json").unlink()  # a deleted output makes its stage run again, alone
+    run_stages(stages, RunState(paths.state, profile, "fast"))
+    assert again.ran == ["tower-blind"]
+
+    monkeypatch.setattr(pipeline, "run_stage", StandIn(skip_output="world"))
+    fresh = Layout(tmp_path / "data2", tmp_path / "runs2")
+    with pytest.raises(RuntimeError, match="without writing"):
+        run_stages(Pipeline(fresh, profile).stages(compare=False), RunState(fresh.state, profile, "fast"))
+
+
+def test_other_budgets_or_recipes_are_refused(tmp_path):
+    state = tmp_path / "quickstart.json"
+    RunState(state, get_profile("fast"), "fast").save()
+    RunState(state, get_profile("fast"), "fast")  # the same budgets: accepted
+    with pytest.raises(ValueError, match="other budgets"):
+        RunState(state, get_profile("fast", student_steps=7), "fast")
+    with pytest.raises(ValueError, match="other budgets"):
+        RunState(state, get_profile("default"), "default")
+    with pytest.raises(ValueError, match="unknown profile"):
+        get_profile("huge")
+
+
+def canned_grounding(accuracy: float) -> dict:
+    kinds = {k: {"n": 10, "accuracy": accuracy, "chance": 0.3} for k in ("color", "shape", "count")}
+    return {"kinds": kinds, "detail": {"n": 10, "object_f1": 0.5}, "mean_accuracy": accuracy}
+
+
+def test_report_tables_from_canned_results(tmp_path):
+    from llava_uta.quickstart.report import write_report
+
+    paths = Layout(tmp_path / "data", tmp_path / "runs")
+    (paths.data / "zeroshot").mkdir(parents=True)
+    (paths.data / "zeroshot" / "classnames.json").write_text(json.dumps([f"c{i}" for i in range(48)]))
+    canned_uta_summary(paths)
+    paths.teacher.mkdir(parents=True)
+    (paths.teacher / "train_log.jsonl").write_text("".join(
+        json.dumps({"step": i, "loss": 3.0 - i / 10, "seconds": i * 0.5}) + "\n" for i in range(1, 11)))
+    for tower, accuracy in (("uta", 0.75), ("blind", 0.25)):
+        paths.grounding(tower).parent.mkdir(parents=True, exist_ok=True)
+        paths.grounding(tower).write_text(json.dumps(canned_grounding(accuracy)))
+        paths.reviews(tower).parent.mkdir(parents=True, exist_ok=True)
+        score = 8 if tower == "uta" else 4
+        paths.reviews(tower).write_text("".join(json.dumps(
+            {"question_id": i, "category": "conv", "tuple": [10, score], "content": f"10 {score}\nreason",
+             "judge": "shapes"}) + "\n" for i in range(4)))
+    state = {"stages": {"world": {"title": "ShapesWorld", "seconds": 12.0},
+                        "teacher": {"title": "teacher CLIP", "seconds": 30.0}}}
+    text = write_report(paths, state, "fast")
+    assert text == paths.results.read_text()
+    assert "| teacher CLIP (frozen) | 10 | 5 |" in text
+    assert "| UTA, reversed block masking (kept = blocks) | 60 | 12 | 300 | 0.12 | 0.250 | 0.600 | 50% |" in text
+    assert "| UTA student tower | 75.0 | 75.0 | 75.0 | 75.0 | 50.0 |" in text
+    assert "| blind (image withheld) tower | 25.0 | 25.0 | 25.0 | 25.0 | 50.0 |" in text
+    assert "| chance (most frequent answer) | 30 | 30 | 30 | | |" in text
+    assert "| total | 42 |" in text
+    assert (paths.plots / "bench.png").stat().st_size > 5_000 and (paths.plots / "losses.png").is_file()
+
+
+def canned_study_run(folder: Path, top1: list[float], steps: tuple[int, ...] = (2, 4, 6)) -> None:
+    folder.mkdir(parents=True)
+    records = [{"step": s, "loss": 1.0 / s} for s in steps]
+    records += [{"step": s, "train_seconds": 10.0 * s, "student_tflop": 0.1 * s,
+                 "eval": {"top1": t, "top5": min(1.0, 2 * t)}} for s, t in zip(steps, top1, strict=True)]
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "summary.json").write_text(json.dumps({"teacher_zeroshot": {"top1": 0.6, "top5": 0.9}}))
+
+
+def test_study_tables_from_canned_runs(tmp_path):
+    root = tmp_path / "study"
+    canned_study_run(root / "uta" / "seed0", [0.1, 0.2, 0.3])
+    canned_study_run(root / "uta" / "seed1", [0.2, 0.3, 0.5])
+    canned_study_run(root / "fd" / "seed0", [0.1, 0.1, 0.2])
+    result = study.collect(root)
+    assert set(result["runs"]) == {"uta", "fd"} and result["teacher_zeroshot"]["top1"] == 0.6
+    mean = result["runs"]["uta"]["mean"]
+    assert [p["top1"] for p in mean] == pytest.approx([0.15, 0.25, 0.4])
+    assert mean[-1]["top1_std"] == pytest.approx(0.2 / 2**0.5)  # sample sd of 0.3 and 0.5
+    assert result["runs"]["fd"]["mean"][-1]["top1_std"] == 0.0  # one seed
+    text = study.write_report(root, "fast", study.PROFILES["fast"], result)
+    assert f"| {study.RUNS['uta'][1]} | 2 | 0.150 ± 0.071 (20 s, 0.20 TFLOP) |" in text
+    assert f"| {study.RUNS['fd'][1]} | 1 | 0.100 ± 0.000 (20 s, 0.20 TFLOP) |" in text
+    assert (root / "plots" / "study-objectives.png").stat().st_size > 5_000
+    assert json.loads((root / "study.json").read_text())["runs"]["uta"]["mean"] == mean

@@ -9,27 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from llava_helpers import solid_image
 from PIL import Image
-from test_llava_train import _args, train_stage1_and_stage2
 
 from llava_uta.conversation import generation_prompt
 from llava_uta.serve.chat import ChatSession, final_text, safe_prefix
 from llava_uta.serve.loader import folder_kind, load_pretrained_model, resolve_dtype
-from llava_uta.train.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict[str, Path]:
-    """A stage-1, a stage-2 and a LoRA output of a few training steps each, and a test image."""
-    root = tmp_path_factory.mktemp("serve")
-    parts = train_stage1_and_stage2(root)
-    adapter = {"pretrain_mm_mlp_adapter": root / "stage1" / "mm_projector.bin", "max_steps": 2}
-    train(_args(parts, root / "lora", stage=2, lora_enable=True, lora_r=4, lora_alpha=8, **adapter))
-    solid_image(root / "red.png", "red")
-    return {**parts, "lora": root / "lora", "image": root / "red.png"}
+def folders(llava_runs) -> dict[str, Path]:
+    """A stage-1, a stage-2 and a LoRA output of a few training steps each, and a test image (conftest.py)."""
+    return llava_runs
 
 
 @pytest.fixture(scope="module")

@@ -101,6 +101,7 @@ def test_clip_batches_are_whole_groups():
         sample_batch(400, 30, 4, torch.Generator())
 
 
+@pytest.mark.slow
 def test_compiled_teacher_gives_the_eager_targets(vit_clip):
     teacher = CLIPTeacher(vit_clip.visual)
     images = torch.randn(4, 3, 48, 48)  # resized to the 32 px input first, outside the compiled graph

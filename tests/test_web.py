@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import test_serve
 from gradio_client import Client, handle_file
 from PIL import Image
 
@@ -26,7 +25,7 @@ try:
 except ImportError:  # the browser tests skip below
     sync_playwright = None
 
-from llava_uta.data.shapes.writer import BENCH_DIR, ShapesWorldConfig, build
+from llava_uta.data.shapes.writer import BENCH_DIR
 from llava_uta.serve.chat import ChatSession
 from llava_uta.serve.examples import PHOTO_QUESTIONS, example_rows, shapes_source
 from llava_uta.serve.images import MAX_PIXELS, open_upload, prepare
@@ -35,7 +34,7 @@ from llava_uta.serve.web import main as web_main
 
 QUESTION = "What is in the image?"
 MAX_NEW_TOKENS = 12
-folders = test_serve.folders  # the module fixture of tiny trained folders (stage 2 + a test image)
+REPO = Path(__file__).resolve().parents[1]
 
 CHROMIUM = Path("/usr/bin/chromium")  # the system Chromium: Playwright drives it, nothing is downloaded
 if not CHROMIUM.exists():
@@ -71,7 +70,7 @@ def wait_until_serving(url: str, process: subprocess.Popen, log: Path, timeout: 
 def serving(folders, name: str, launcher: list[str], *options: str):
     """The URL of `llava-uta-web` serving the tiny stage-2 folder, started by `launcher` (killed at the end)."""
     port, log = free_port(), folders["root"] / f"{name}.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(test_serve.REPO),
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
            "GRADIO_ANALYTICS_ENABLED": "False"}
     command = [sys.executable, *launcher, "--model-path", str(folders["stage2"]), "--device", "cpu",
                "--port", str(port), *options]
@@ -285,12 +284,14 @@ def test_browser_stop_keeps_the_partial_answer_and_the_chat_goes_on(paced_app, f
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    """A tiny ShapesWorld folder, as llava-uta-shapes writes it."""
-    out = tmp_path_factory.mktemp("web") / "shapes"
-    build(ShapesWorldConfig(image_size=32, num_clip=8, num_pretrain=8, num_zeroshot_per_class=1, num_stage1=4,
-                            num_stage2=4, num_bench_images=5, clip_group_size=2), out, workers=1)
-    return out
+def folders(llava_runs) -> dict[str, Path]:
+    """Tiny trained folders (stage 2 + a test image), shared through conftest.py."""
+    return llava_runs
+
+
+@pytest.fixture(scope="module")
+def world(tiny_world) -> Path:
+    return tiny_world
 
 
 def _model_trained_on(tmp_path: Path, folders, data_path: Path, image_folder: Path | None) -> Path:

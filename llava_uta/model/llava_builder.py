@@ -4,8 +4,8 @@
     model = build_llava("vicuna-7b", "towers/uta-l14-336", tokenizer, projector_type="mlp2x_gelu")
 
 The vision tower is a folder from `llava-uta-convert` (or a transformers CLIP folder), a loaded model, or a
-config (random weights, for tests); the LM is any transformers causal-LM folder, model or config. LLaVA's flags map
-onto LlavaConfig: `mm_vision_select_layer` -> `vision_feature_layer`, `mm_vision_select_feature`
+config (random weights, for tests); the LM is any transformers causal-LM folder or GGUF file, model or config.
+LLaVA's flags map onto LlavaConfig: `mm_vision_select_layer` -> `vision_feature_layer`, `mm_vision_select_feature`
 `patch` / `cls_patch` -> `vision_feature_select_strategy` `default` / `full`. `<image>` is added to the tokenizer as
 a special token; new embedding rows are set to the mean of the old ones, so the build is deterministic (a LoRA
 merge rebuilds the same base).
@@ -21,7 +21,6 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
-    AutoTokenizer,
     CLIPVisionModel,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -32,8 +31,16 @@ from transformers.modeling_utils import set_zero3_state
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from llava_uta.constants import DEFAULT_IMAGE_TOKEN
+from llava_uta.model import language_model
 from llava_uta.model.checkpoint import load_state_dict_file
-from llava_uta.model.projector import PROJECTOR_ACTIVATIONS, check_projector_type, gathered, init_linear_projector
+from llava_uta.model.merge_llava import LlavaMergeConfig, LlavaMergeForConditionalGeneration
+from llava_uta.model.projector import (
+    TokenMergeProjector,
+    gathered,
+    init_linear_projector,
+    merge_factor,
+    projector_activation,
+)
 
 SELECT_FEATURES = {"patch": "default", "cls_patch": "full"}
 
@@ -78,17 +85,19 @@ def load_language_model(source: ModelSource, dtype: torch.dtype | None = None) -
         return source
     if isinstance(source, PretrainedConfig):
         return AutoModelForCausalLM.from_config(source, dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    return language_model.load_language_model(source, dtype)
 
 
 def _path_or_none(source: ModelSource) -> str | None:
     return str(source) if isinstance(source, str | os.PathLike) else None
 
 
-def num_image_tokens(vision_config: PretrainedConfig, select_strategy: str) -> int:
-    """Tokens per image after feature selection: the patch grid, plus the CLS token for `full`."""
+def num_image_tokens(vision_config: PretrainedConfig, select_strategy: str, factor: int = 1) -> int:
+    """Tokens per image after feature selection and merging: the patch grid / factor^2, plus CLS for `full`."""
     grid = vision_config.image_size // vision_config.patch_size
-    return grid * grid + (select_strategy == "full")
+    if grid % factor:
+        raise ValueError(f"a {grid}x{grid} patch grid cannot be merged in {factor}x{factor} blocks")
+    return (grid // factor) ** 2 + (select_strategy == "full")
 
 
 def build_llava(
@@ -101,20 +110,24 @@ def build_llava(
     dtype: torch.dtype | None = None,
 ) -> LlavaForConditionalGeneration:
     """A Llava model around the given LM and tower, with a freshly initialised projector."""
-    check_projector_type(projector_type)
+    factor = merge_factor(projector_type)
     if select_feature not in SELECT_FEATURES:
         raise ValueError(f"mm_vision_select_feature must be one of {sorted(SELECT_FEATURES)}, got {select_feature!r}")
+    if factor > 1 and select_feature != "patch":
+        raise ValueError(f"{projector_type} merges patch tokens: it needs mm_vision_select_feature patch (no CLS)")
     lm = load_language_model(language_model, dtype)
     tower = load_vision_tower(vision_tower).requires_grad_(False).eval().to(lm.dtype)  # frozen, no drop-path
     image_token_id = add_image_token(tokenizer)
     resize_embeddings(lm, len(tokenizer))
     strategy = SELECT_FEATURES[select_feature]
-    config = LlavaConfig(
+    config_class, model_class = (LlavaMergeConfig, LlavaMergeForConditionalGeneration) if factor > 1 else \
+        (LlavaConfig, LlavaForConditionalGeneration)
+    config = config_class(
         vision_config=tower.config,
         text_config=lm.config,
         image_token_id=image_token_id,
-        image_seq_length=num_image_tokens(tower.config, strategy),
-        projector_hidden_act=PROJECTOR_ACTIVATIONS[projector_type],
+        image_seq_length=num_image_tokens(tower.config, strategy, factor),
+        projector_hidden_act=projector_activation(projector_type),
         vision_feature_layer=select_layer,
         vision_feature_select_strategy=strategy,
         tie_word_embeddings=lm.config.tie_word_embeddings,
@@ -126,11 +139,11 @@ def build_llava(
     # An empty shell: the LM and the tower move in below. Under ZeRO-3 transformers would build (and initialise) the
     # shell's own LM and tower inside deepspeed.zero.Init; marking zero.Init as entered keeps them on meta, free.
     with torch.device("meta"), set_zero3_state():
-        model = LlavaForConditionalGeneration(config)
+        model = model_class(config)
     model.model.vision_tower = tower
     model.model.language_model = getattr(lm, lm.base_model_prefix)
     model.lm_head = lm.get_output_embeddings()
-    projector = LlavaMultiModalProjector(config)
+    projector = TokenMergeProjector(config) if factor > 1 else LlavaMultiModalProjector(config)
     model.model.multi_modal_projector = projector.to(lm.dtype)
     if projector_type == "linear":
         init_linear_projector(projector)
@@ -178,8 +191,8 @@ def load_lora_model(model_path: str | os.PathLike, model_base: str | None = None
     """The LoRA-trained model, unmerged (a peft `PeftModel`): rebuilt base + trained projector + adapter."""
     from peft import PeftModel  # only LoRA outputs need peft
 
-    config = LlavaConfig.from_pretrained(model_path)
-    base = rebuild_llava(config, AutoTokenizer.from_pretrained(model_path), model_base, vision_tower)
+    config = AutoConfig.from_pretrained(model_path)
+    base = rebuild_llava(config, language_model.load_tokenizer(model_path), model_base, vision_tower)
     if (
         base.config.image_token_id != config.image_token_id
         or base.config.text_config.vocab_size != config.text_config.vocab_size

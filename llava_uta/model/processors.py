@@ -14,6 +14,8 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from transformers import BaseImageProcessor, CLIPImageProcessor, LlavaImageProcessor, LlavaProcessor
 from transformers.image_utils import PILImageResampling
 
+from llava_uta.model.projector import merge_factor
+
 ASPECT_RATIOS = ("square", "pad")
 _PROCESSOR_FIELDS = (
     "do_resize",
@@ -55,11 +57,13 @@ def make_image_processor(base: BaseImageProcessor, image_aspect_ratio: str) -> L
 
 
 def make_processor(model, tokenizer, tower_processor, image_aspect_ratio: str) -> LlavaProcessor:
-    """Tokenizer + image processor saved with the model; expands `<image>` exactly as training does."""
+    """Tokenizer + image processor saved with the model; expands `<image>` exactly as training does (a token-merging
+    projector's image token covers F x F patches: the processor counts patches of F times the side)."""
+    factor = merge_factor(getattr(model.config, "mm_projector_type", "mlp2x_gelu"))  # llava-hf folders: LLaVA-1.5
     return LlavaProcessor(
         image_processor=make_image_processor(tower_processor, image_aspect_ratio),
         tokenizer=tokenizer,
-        patch_size=model.config.vision_config.patch_size,
+        patch_size=model.config.vision_config.patch_size * factor,
         vision_feature_select_strategy=model.config.vision_feature_select_strategy,
         num_additional_image_tokens=1,  # the CLS token of the UTA / CLIP tower
     )

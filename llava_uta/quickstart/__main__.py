@@ -5,6 +5,7 @@
                                          #   masking, and LLaVA with the teacher's tower instead of UTA's
     llava-uta-quickstart --fast          # a small world and a few steps per stage (tests, about 3 minutes)
     llava-uta-quickstart --serve         # then open the web demo on the trained LLaVA
+    llava-uta-quickstart --dry-run       # print each stage's shell command instead of running it
 
 Each stage is a real run of one of the project's tools; a finished stage is skipped, so Ctrl-C and rerun
 resumes. The results (markdown tables, PNG plots) go to RUNS/results.md and RUNS/plots/.
@@ -29,6 +30,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fast", action="store_true", help="the small profile used by the tests")
     parser.add_argument("--compare", action="store_true", help="also run the baselines and ablations")
     parser.add_argument("--serve", action="store_true", help="finish by serving the web demo on the trained model")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the equivalent shell command of every stage (done ones marked) and run nothing")
     parser.add_argument("--data", type=Path, help="ShapesWorld folder (default playground/data/shapes[-fast])")
     parser.add_argument("--runs", type=Path, help="outputs (default runs/shapes[-fast])")
     parser.add_argument("--seed", type=int, default=0)
@@ -45,12 +48,17 @@ def main(argv: list[str] | None = None) -> None:
     suffix = "-fast" if args.fast else ""
     profile = get_profile(name, **{b: getattr(args, b) for b in BUDGETS})
     layout = Layout(args.data or Path(f"playground/data/shapes{suffix}"), args.runs or Path(f"runs/shapes{suffix}"))
-    layout.runs.mkdir(parents=True, exist_ok=True)
     try:
         state = RunState(layout.state, profile, name)
     except ValueError as err:
         raise SystemExit(f"llava-uta-quickstart: {err}") from None
-    run_stages(Pipeline(layout, profile, args.seed).stages(args.compare), state)
+    stages = Pipeline(layout, profile, args.seed).stages(args.compare)
+    if args.dry_run:
+        for stage in stages:
+            print(f"# {stage.title}{' (done)' if state.done(stage) else ''}\n{stage.command()}")
+        return
+    layout.runs.mkdir(parents=True, exist_ok=True)
+    run_stages(stages, state)
     print("\n" + write_report(layout, state.data, name), end="")
     print(f"results: {layout.results} (plots in {layout.plots})")
     if args.serve:

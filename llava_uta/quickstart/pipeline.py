@@ -8,13 +8,17 @@ resumes through its own tool (`uta-pretrain --resume`, the bench's append logs).
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from importlib import import_module
+from importlib.metadata import entry_points
 from pathlib import Path
+from types import ModuleType
 
 from llava_uta.data.shapes.writer import ShapesWorldConfig
-from llava_uta.io_utils import atomic_file, write_json_atomic
+from llava_uta.io_utils import write_json_atomic
 from llava_uta.model.uta_vit import UTA_VIT_CONFIGS
 from llava_uta.quickstart.profiles import RECIPE, Profile, warmup_steps
 from pretrain.masking import KeepIndexGenerator
@@ -39,12 +43,31 @@ TOWERS = {"uta": "UTA student", "teacher": "teacher CLIP", "blind": "blind (imag
 PROBED = ("uta", "mim", "fd", "cls")  # students whose frozen features the probes read, beside the teacher's
 
 
-@dataclass
+@dataclass(frozen=True)
 class Stage:
+    """One step of the pipeline: a run of one of the project's tools (a console script of pyproject.toml)."""
+
     key: str
     title: str
+    tool: str  # e.g. "uta-pretrain"
+    argv: Callable[[], list[str]]  # built when the stage runs: a budget may come from an earlier stage's output
     output: Path  # exists once the stage is done
-    run: Callable[[], None]
+
+    def command(self) -> str:
+        """The equivalent shell command."""
+        return shlex.join([self.tool, *self.argv()])
+
+
+def tool_module(tool: str) -> ModuleType:
+    """The module behind a console script (its `main(argv)` runs the tool, `build_parser()` reads its flags)."""
+    found = entry_points(group="console_scripts", name=tool)
+    if not found:
+        raise RuntimeError(f"no console script {tool!r}: install the project (pip install -e .) to run the pipeline")
+    return import_module(next(iter(found)).module)
+
+
+def run_stage(stage: Stage) -> None:
+    tool_module(stage.tool).main(stage.argv())
 
 
 class Layout:
@@ -136,7 +159,17 @@ class RunState:
         write_json_atomic(self.path, self.data)
 
 
-def run_stages(stages: list[Stage], state: RunState) -> None:
+class FolderState:
+    """A stage is done when its output exists (the study's runs, whose budgets budget.json records)."""
+
+    def done(self, stage: Stage) -> bool:
+        return stage.output.exists()
+
+    def finish(self, stage: Stage, seconds: float) -> None:
+        pass
+
+
+def run_stages(stages: list[Stage], state: RunState | FolderState) -> None:
     """Run each stage not yet done, in order, with a header line; record its time."""
     for i, stage in enumerate(stages, 1):
         header = f"[{i}/{len(stages)}] {stage.title}"
@@ -145,7 +178,7 @@ def run_stages(stages: list[Stage], state: RunState) -> None:
             continue
         print(f"{header} ...", flush=True)
         start = time.perf_counter()
-        stage.run()
+        run_stage(stage)
         seconds = time.perf_counter() - start
         if not stage.output.exists():
             raise RuntimeError(f"stage {stage.key!r} finished without writing {stage.output}")
@@ -154,7 +187,7 @@ def run_stages(stages: list[Stage], state: RunState) -> None:
 
 
 class Pipeline:
-    """Builds the stage list of one quickstart run."""
+    """Builds the stage list of one quickstart run: each stage a tool and its flags."""
 
     def __init__(self, layout: Layout, profile: Profile, seed: int = 0):
         self.paths, self.profile, self.seed = layout, profile, seed
@@ -162,123 +195,120 @@ class Pipeline:
     def stages(self, compare: bool) -> list[Stage]:
         p = self.paths
         stages = [
-            Stage("world", "ShapesWorld (llava-uta-shapes)", p.data / "manifest.json", self.make_world),
-            Stage("teacher", "teacher CLIP (llava-uta-train-clip)", p.teacher / "open_clip_config.json",
-                  self.train_teacher),
+            Stage("world", "ShapesWorld", "llava-uta-shapes", self.world_argv, p.data / "manifest.json"),
+            Stage("teacher", "teacher CLIP", "llava-uta-train-clip", self.teacher_argv,
+                  p.teacher / "open_clip_config.json"),
             self.student_stage("uta"),
-            Stage("tower-uta", "UTA student -> LLaVA tower (llava-uta-convert)", p.tower("uta") / "config.json",
-                  self.convert_student),
-            Stage("lm", "tokenizer + tiny Llama, instruction-tuned on the scenes in words (llava-uta-tiny-lm)",
-                  p.lm / "model.safetensors", self.train_lm),
-            Stage("lm-reading", "tiny LM answering from the scenes in words, no image (llava-uta-bench grounding "
-                  "--scene-in-words)", p.lm_in_words, self.ground_lm_in_words),
+            Stage("tower-uta", "UTA student -> LLaVA tower", "llava-uta-convert",
+                  lambda: [str(p.student("uta") / "student.safetensors"), str(p.tower("uta"))],
+                  p.tower("uta") / "config.json"),
+            Stage("lm", "tokenizer + tiny Llama, instruction-tuned on the scenes in words", "llava-uta-tiny-lm",
+                  self.lm_argv, p.lm / "model.safetensors"),
+            Stage("lm-reading", "tiny LM answering from the scenes in words, no image (grounding --scene-in-words)",
+                  "llava-uta-bench", self.lm_reading_argv, p.lm_in_words),
             *self.llava_stages("uta"),
         ]
         if compare:  # the LLaVA controls first (minutes), then the other students
-            stages += [Stage("tower-blind", "blind tower: UTA's with its patch embedding zeroed (llava-uta-convert "
-                             "--blind)", p.tower("blind") / "config.json", self.convert_blind),
-                       *self.llava_stages("blind"),
-                       Stage("tower-teacher", "teacher CLIP -> LLaVA tower (llava-uta-convert --from-open-clip)",
-                             p.tower("teacher") / "config.json", self.convert_teacher),
-                       *self.llava_stages("teacher"),
-                       Stage("tower-random", "random-init tower: the student's architecture, untrained "
-                             "(llava-uta-convert --random-init)", p.tower("random") / "config.json",
-                             self.convert_random),
-                       *self.llava_stages("random")]
-            stages += [Stage("finetune-uta", "UTA student + teacher text, contrastive fine-tuning (uta-finetune-clip)",
-                             p.finetuned("uta") / "summary.json", self.finetune_student)]
+            for tower, title, argv in (
+                ("blind", "blind tower: UTA's with its patch embedding zeroed",
+                 ["--blind", str(p.tower("uta"))]),
+                ("teacher", "teacher CLIP -> LLaVA tower", ["--from-open-clip", f"local-dir:{p.teacher}"]),
+                ("random", "random-init tower: the student's architecture, untrained",
+                 ["--random-init", RECIPE.student_model, "--seed", str(self.seed)]),
+            ):
+                stages += [Stage(f"tower-{tower}", title, "llava-uta-convert",
+                                 lambda argv=argv, tower=tower: [*argv, str(p.tower(tower))],
+                                 p.tower(tower) / "config.json"),
+                           *self.llava_stages(tower)]
+            stages.append(Stage("finetune-uta", "UTA student + teacher text, contrastive fine-tuning",
+                                "uta-finetune-clip", self.finetune_argv, p.finetuned("uta") / "summary.json"))
             stages += [self.student_stage(name) for name in STUDENTS if name != "uta"]
-            stages += [Stage(f"classify-{init}", f"classification fine-tuning from {title} (llava-uta-finetune-cls)",
-                             p.classifier(init) / "summary.json", lambda init=init: self.classify(init))
+            stages += [Stage(f"classify-{init}", f"classification fine-tuning from {title}", "llava-uta-finetune-cls",
+                             lambda init=init: self.classify_argv(init), p.classifier(init) / "summary.json")
                        for init, title in (("uta", "the UTA student"), ("random", "random init"))]
-            stages += [Stage("probe-patch", "per-patch probes of the frozen towers (llava-uta-patchprobe)",
-                             p.probe("patch"), self.probe_patches),
-                       Stage("probe-linear", "linear probes of the frozen towers (llava-uta-linprobe)",
-                             p.probe("linear"), self.probe_images)]
+            stages += [Stage("probe-patch", "per-patch probes of the frozen towers", "llava-uta-patchprobe",
+                             self.patch_probe_argv, p.probe("patch")),
+                       Stage("probe-linear", "linear probes of the frozen towers", "llava-uta-linprobe",
+                             self.linear_probe_argv, p.probe("linear"))]
         return stages
 
     # ---- ShapesWorld, teacher, language model
 
-    def make_world(self) -> None:
-        from llava_uta.data.shapes.__main__ import main
-
+    def world_argv(self) -> list[str]:
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in self.profile.world.items()]
-        main(["--out", str(self.paths.data), "--seed", str(self.seed), *flags])
+        return ["--out", str(self.paths.data), "--seed", str(self.seed), *flags]
 
-    def train_teacher(self) -> None:
-        from pretrain.train_clip import main
-
+    def teacher_argv(self) -> list[str]:
         group_size = self.profile.world.get("clip_group_size", ShapesWorldConfig.clip_group_size)
-        main(["--train-csv", str(self.paths.data / "clip" / "captions.csv"), "--out", str(self.paths.teacher),
-              "--steps", str(self.profile.teacher_steps), "--batch-size", str(self.profile.teacher_batch),
-              "--group-size", str(group_size), "--seed", str(self.seed)])
+        return ["--train-csv", str(self.paths.data / "clip" / "captions.csv"), "--out", str(self.paths.teacher),
+                "--steps", str(self.profile.teacher_steps), "--batch-size", str(self.profile.teacher_batch),
+                "--group-size", str(group_size), "--seed", str(self.seed)]
 
-    def train_lm(self) -> None:
+    def lm_argv(self) -> list[str]:
         """Plain LM training on the corpus and the chat texts, then instruction tuning on the scenes in words."""
-        from llava_uta.train.tiny_lm import main
-
         llava, prof = self.paths.data / "llava", self.profile
         sft = ["--sft_json", str(llava / "text_instruct.json"), "--sft_steps", str(prof.lm_sft_steps)] \
             if prof.lm_sft_steps else []
-        main(["--corpus", str(self.paths.data / "text" / "corpus.txt"), "--chat_json", str(llava / "instruct.json"),
-              "--out", str(self.paths.lm), "--steps", str(prof.lm_steps), *sft, "--seed", str(self.seed)])
+        return ["--corpus", str(self.paths.data / "text" / "corpus.txt"), "--chat_json", str(llava / "instruct.json"),
+                "--out", str(self.paths.lm), "--steps", str(prof.lm_steps), *sft, "--seed", str(self.seed)]
 
-    def ground_lm_in_words(self) -> None:
-        from llava_uta.eval.llavabench.__main__ import main
-
+    def lm_reading_argv(self) -> list[str]:
         p = self.paths
-        main(["grounding", "--scene-in-words", "--model-path", str(p.lm), "--question-file",
-              str(p.grounding_questions / "questions.jsonl"), "--answers-file",
-              str(p.lm_in_words_answers), "--output", str(p.lm_in_words),
-              "--model-id", "tiny-lm-in-words", "--batch-size", "32"])
+        return ["grounding", "--scene-in-words", "--model-path", str(p.lm), "--question-file",
+                str(p.grounding_questions / "questions.jsonl"), "--answers-file", str(p.lm_in_words_answers),
+                "--output", str(p.lm_in_words), "--model-id", "tiny-lm-in-words", "--batch-size", "32"]
 
     # ---- students
 
     def student_stage(self, name: str) -> Stage:
-        return Stage(f"student-{name}", f"student: {STUDENTS[name][1]} (uta-pretrain)",
-                     self.paths.student(name) / "summary.json", lambda: self.train_student(name))
+        return Stage(f"student-{name}", f"student: {STUDENTS[name][1]}", "uta-pretrain",
+                     lambda: self.student_argv(name), self.paths.student(name) / "summary.json")
 
-    def train_student(self, name: str) -> None:
-        from pretrain.train import main
-
+    def student_argv(self, name: str) -> list[str]:
         p, prof = self.paths, self.profile
         warmup = warmup_steps(prof.student_steps, RECIPE.student_warmup_divisor, prof.student_warmup)
-        main([*pretrain_argv(p, p.student(name), self.seed, prof.student_batch, warmup), "--save_every", "100",
-              "--teacher_cache", str(p.teacher_cache), "--cache_views", str(prof.cache_views),
-              *self.student_budget(name), *STUDENTS[name][0]])
+        return [*pretrain_argv(p, p.student(name), self.seed, prof.student_batch, warmup), "--save_every", "100",
+                "--teacher_cache", str(p.teacher_cache), "--cache_views", str(prof.cache_views),
+                *self.student_budget(name), *STUDENTS[name][0]]
 
-    def finetune_student(self) -> None:
+    def student_budget(self, name: str) -> list[str]:
+        """UTA's steps; for an objective baseline, UTA's measured training seconds (its steps only bound it)."""
+        steps = self.profile.student_steps
+        if name not in EQUAL_WALL_CLOCK:
+            return ["--max_steps", str(steps)]
+        summary = self.paths.student("uta") / "summary.json"
+        seconds = f"{json.loads(summary.read_text())['train_seconds']:.1f}" if summary.is_file() else \
+            "UTA_TRAIN_SECONDS"  # shown by --dry-run; the UTA student's stage runs first and writes it
+        return ["--max_steps", str(4 * steps), "--max_train_seconds", seconds]
+
+    def finetune_argv(self) -> list[str]:
         """The paper's second stage at this scale: LAMB with layer decay, T = 0.01, on the teacher's captions."""
-        from pretrain.finetune_clip import main
-
         p, prof, r, zs = self.paths, self.profile, RECIPE, self.paths.data / "zeroshot"
-        main(["--train_data", str(p.data / "clip" / "captions.csv"), "--output_dir", str(p.finetuned("uta")),
-              "--init", str(p.student("uta") / "student.safetensors"), "--text_model", f"local-dir:{p.teacher}",
-              "--max_steps", str(prof.finetune_steps), "--batch_size", str(prof.finetune_batch),
-              "--micro_batch_size", str(prof.finetune_batch), "--lr", str(r.finetune_lr),
-              "--warmup_steps", str(warmup_steps(prof.finetune_steps, r.finetune_warmup_divisor)),
-              "--layer_decay", str(r.finetune_layer_decay),
-              "--workers", "1", "--save_every", "50", "--resume", "--seed", str(self.seed),
-              "--eval_data", str(zs / "val"), "--eval_classnames", str(zs / "classnames.json"),
-              "--eval_templates", str(zs / "templates.json")])
+        return ["--train_data", str(p.data / "clip" / "captions.csv"), "--output_dir", str(p.finetuned("uta")),
+                "--init", str(p.student("uta") / "student.safetensors"), "--text_model", f"local-dir:{p.teacher}",
+                "--max_steps", str(prof.finetune_steps), "--batch_size", str(prof.finetune_batch),
+                "--micro_batch_size", str(prof.finetune_batch), "--lr", str(r.finetune_lr),
+                "--warmup_steps", str(warmup_steps(prof.finetune_steps, r.finetune_warmup_divisor)),
+                "--layer_decay", str(r.finetune_layer_decay),
+                "--workers", "1", "--save_every", "50", "--resume", "--seed", str(self.seed),
+                "--eval_data", str(zs / "val"), "--eval_classnames", str(zs / "classnames.json"),
+                "--eval_templates", str(zs / "templates.json")]
 
-    def classify(self, init: str) -> None:
+    def classify_argv(self, init: str) -> list[str]:
         """Fine-tune for the 48 colour x shape classes: pretrain/train (class of the largest object) -> zeroshot/val."""
-        from pretrain.finetune_cls import main
-
         p, prof, r = self.paths, self.profile, RECIPE
         start = ["--init", str(p.student("uta") / "student.safetensors")] if init == "uta" else \
             ["--model", r.student_model]
         data = ["--train_data", str(p.data / "pretrain" / "train"), "--val_data", str(p.data / "zeroshot" / "val")]
-        main([*start, *data,
-              "--output_dir", str(p.classifier(init)), "--max_steps", str(prof.classify_steps),
-              "--batch_size", str(prof.classify_batch), "--micro_batch_size", str(prof.classify_batch),
-              "--lr", str(r.classify_lr), "--warmup_steps", str(warmup_steps(prof.classify_steps,
-                                                                              r.classify_warmup_divisor)),
-              "--layer_decay", str(r.classify_layer_decay), "--drop_path", str(r.classify_drop_path),
-              "--smoothing", str(r.classify_smoothing), "--auto_augment", "none", "--color_jitter", "0",
-              "--scale_min", str(r.classify_crop_min_scale), "--workers", "1", "--save_every", "50", "--resume",
-              "--seed", str(self.seed)])
+        return [*start, *data,
+                "--output_dir", str(p.classifier(init)), "--max_steps", str(prof.classify_steps),
+                "--batch_size", str(prof.classify_batch), "--micro_batch_size", str(prof.classify_batch),
+                "--lr", str(r.classify_lr),
+                "--warmup_steps", str(warmup_steps(prof.classify_steps, r.classify_warmup_divisor)),
+                "--layer_decay", str(r.classify_layer_decay), "--drop_path", str(r.classify_drop_path),
+                "--smoothing", str(r.classify_smoothing), "--auto_augment", "none", "--color_jitter", "0",
+                "--scale_min", str(r.classify_crop_min_scale), "--workers", "1", "--save_every", "50", "--resume",
+                "--seed", str(self.seed)]
 
     def probe_towers(self) -> list[str]:
         """--tower flags: the teacher and the probed students; --random-init adds their architectures' twins."""
@@ -287,68 +317,35 @@ class Pipeline:
             towers += ["--tower", f"{name}={self.paths.student(name) / 'student.safetensors'}"]
         return [*towers, "--random-init", "--seed", str(self.seed), "--workers", "0"]  # tiny images: no worker
 
-    def probe_patches(self) -> None:
-        from llava_uta.eval.probe.patchprobe import main
+    def patch_probe_argv(self) -> list[str]:
+        return ["--data", str(self.paths.data), "--max-train-images", str(self.profile.probe_train_images),
+                "--out", str(self.paths.probe("patch")), *self.probe_towers()]
 
-        main(["--data", str(self.paths.data), "--max-train-images", str(self.profile.probe_train_images),
-              "--out", str(self.paths.probe("patch")), *self.probe_towers()])
-
-    def probe_images(self) -> None:
+    def linear_probe_argv(self) -> list[str]:
         """CLS features of pretrain/train images (class: the largest object) -> the single-object zeroshot/val."""
-        from llava_uta.eval.probe.linprobe import main
-
         data = self.paths.data
-        main(["--train", str(data / "pretrain" / "train"), "--val", str(data / "zeroshot" / "val"),
-              "--max-per-class", str(self.profile.probe_images_per_class), "--pool", "cls",
-              "--out", str(self.paths.probe("linear")),
-              *self.probe_towers()])
-
-    def student_budget(self, name: str) -> list[str]:
-        """UTA's steps; for an objective baseline, UTA's measured training seconds (its steps only bound it)."""
-        steps = self.profile.student_steps
-        if name not in EQUAL_WALL_CLOCK:
-            return ["--max_steps", str(steps)]
-        uta = json.loads((self.paths.student("uta") / "summary.json").read_text())
-        return ["--max_steps", str(4 * steps), "--max_train_seconds", f"{uta['train_seconds']:.1f}"]
+        return ["--train", str(data / "pretrain" / "train"), "--val", str(data / "zeroshot" / "val"),
+                "--max-per-class", str(self.profile.probe_images_per_class), "--pool", "cls",
+                "--out", str(self.paths.probe("linear")), *self.probe_towers()]
 
     # ---- LLaVA with a tower, and its LLaVA-Bench
 
-    def convert_student(self) -> None:
-        from llava_uta.model.convert import main
-
-        main([str(self.paths.student("uta") / "student.safetensors"), str(self.paths.tower("uta"))])
-
-    def convert_teacher(self) -> None:
-        from llava_uta.model.convert import main
-
-        main(["--from-open-clip", f"local-dir:{self.paths.teacher}", str(self.paths.tower("teacher"))])
-
-    def convert_random(self) -> None:
-        from llava_uta.model.convert import main
-
-        main(["--random-init", RECIPE.student_model, "--seed", str(self.seed), str(self.paths.tower("random"))])
-
-    def convert_blind(self) -> None:
-        from llava_uta.model.convert import main
-
-        main(["--blind", str(self.paths.tower("uta")), str(self.paths.tower("blind"))])
-
     def llava_stages(self, tower: str) -> list[Stage]:
-        name = TOWERS[tower]
+        name, p = TOWERS[tower], self.paths
         return [
-            Stage(f"stage1-{tower}", f"LLaVA stage 1, {name} tower (llava-uta-train --version plain)",
-                  self.paths.llava(tower, 1) / "mm_projector.bin", lambda: self.train_llava(tower, 1)),
-            Stage(f"stage2-{tower}", f"LLaVA stage 2, {name} tower (llava-uta-train --version v1)",
-                  self.paths.llava(tower, 2) / "model.safetensors", lambda: self.train_llava(tower, 2)),
-            Stage(f"bench-{tower}", f"LLaVA-Bench, {name} tower (llava-uta-bench answer + review)",
-                  self.paths.reviews(tower), lambda: self.bench(tower)),
-            Stage(f"grounding-{tower}", f"grounding, {name} tower (llava-uta-bench grounding)",
-                  self.paths.grounding(tower), lambda: self.grounding(tower)),
+            Stage(f"stage1-{tower}", f"LLaVA stage 1, {name} tower", "llava-uta-train",
+                  lambda: self.llava_argv(tower, 1), p.llava(tower, 1) / "mm_projector.bin"),
+            Stage(f"stage2-{tower}", f"LLaVA stage 2, {name} tower", "llava-uta-train",
+                  lambda: self.llava_argv(tower, 2), p.llava(tower, 2) / "model.safetensors"),
+            Stage(f"answer-{tower}", f"LLaVA-Bench answers, {name} tower", "llava-uta-bench",
+                  lambda: self.answer_argv(tower), p.answers(tower)),
+            Stage(f"review-{tower}", f"LLaVA-Bench reviews, {name} tower", "llava-uta-bench",
+                  lambda: self.review_argv(tower), p.reviews(tower)),
+            Stage(f"grounding-{tower}", f"grounding, {name} tower", "llava-uta-bench",
+                  lambda: self.grounding_argv(tower), p.grounding(tower)),
         ]
 
-    def train_llava(self, tower: str, stage: int) -> None:
-        from llava_uta.train.train import train
-
+    def llava_argv(self, tower: str, stage: int) -> list[str]:
         p, prof, r = self.paths, self.profile, RECIPE
         common = ["--model_name_or_path", str(p.lm), "--vision_tower", str(p.tower(tower)),
                   "--mm_projector_type", r.projector_type, "--image_folder", str(p.data),
@@ -356,40 +353,39 @@ class Pipeline:
                   "--save_strategy", "no", "--report_to", "none", "--seed", str(self.seed),
                   "--disable_tqdm", "False", "--log_level", "warning"]
         if stage == 1:
-            train([*common, "--version", "plain", "--tune_mm_mlp_adapter", "True",
-                   "--data_path", str(p.data / "llava" / "pretrain.json"),
-                   "--per_device_train_batch_size", str(prof.stage1_batch), "--max_steps", str(prof.stage1_steps),
-                   "--learning_rate", str(r.stage1_lr),
-                   "--warmup_steps", str(warmup_steps(prof.stage1_steps, r.stage1_warmup_divisor)),
-                   "--weight_decay", str(r.stage1_weight_decay)])
-        else:
-            train([*common, "--version", "v1", "--pretrain_mm_mlp_adapter",
-                   str(p.llava(tower, 1) / "mm_projector.bin"), "--data_path", str(p.data / "llava" / "instruct.json"),
-                   "--per_device_train_batch_size", str(prof.stage2_batch), "--max_steps", str(prof.stage2_steps),
-                   "--learning_rate", str(r.stage2_lr),
-                   "--warmup_steps", str(warmup_steps(prof.stage2_steps, r.stage2_warmup_divisor)),
-                   "--group_by_modality_length", "True"])
+            return [*common, "--version", "plain", "--tune_mm_mlp_adapter", "True",
+                    "--data_path", str(p.data / "llava" / "pretrain.json"),
+                    "--per_device_train_batch_size", str(prof.stage1_batch), "--max_steps", str(prof.stage1_steps),
+                    "--learning_rate", str(r.stage1_lr),
+                    "--warmup_steps", str(warmup_steps(prof.stage1_steps, r.stage1_warmup_divisor)),
+                    "--weight_decay", str(r.stage1_weight_decay)]
+        return [*common, "--version", "v1", "--pretrain_mm_mlp_adapter", str(p.llava(tower, 1) / "mm_projector.bin"),
+                "--data_path", str(p.data / "llava" / "instruct.json"),
+                "--per_device_train_batch_size", str(prof.stage2_batch), "--max_steps", str(prof.stage2_steps),
+                "--learning_rate", str(r.stage2_lr),
+                "--warmup_steps", str(warmup_steps(prof.stage2_steps, r.stage2_warmup_divisor)),
+                "--group_by_modality_length", "True"]
 
-    def bench(self, tower: str) -> None:
-        """Answers (resumable), then the offline review written through a partial file (its output marks done)."""
-        from llava_uta.eval.llavabench.__main__ import main
+    def answer_argv(self, tower: str) -> list[str]:
+        """LLaVA-Bench answers (appended to the answers file: an interrupted stage resumes)."""
+        b = self.paths.bench
+        return ["answer", "--model-path", str(self.paths.llava(tower, 2)), "--question-file",
+                str(b / "questions.jsonl"), "--image-folder", str(b / "images"), "--answers-file",
+                str(self.paths.answers(tower)), "--model-id", f"llava-{tower}",
+                "--max-new-tokens", str(self.profile.bench_max_new_tokens), "--batch-size", "8"]
 
-        b, out = self.paths.bench, self.paths.reviews(tower)
-        main(["answer", "--model-path", str(self.paths.llava(tower, 2)), "--question-file", str(b / "questions.jsonl"),
-              "--image-folder", str(b / "images"), "--answers-file", str(self.paths.answers(tower)),
-              "--model-id", f"llava-{tower}", "--max-new-tokens", str(self.profile.bench_max_new_tokens),
-              "--batch-size", "8"])
-        with atomic_file(out, ".partial") as partial:
-            main(["review", "--question", str(b / "questions.jsonl"), "--context", str(b / "context.jsonl"),
-                  "--answer-list", str(b / "answers_gpt4.jsonl"), str(self.paths.answers(tower)),
-                  "--output", str(partial), "--judge", "shapes", "--ground-truth", str(b / "ground_truth.jsonl")])
+    def review_argv(self, tower: str) -> list[str]:
+        """The offline ShapesWorld judge's reviews of the answers."""
+        b = self.paths.bench
+        return ["review", "--question", str(b / "questions.jsonl"), "--context", str(b / "context.jsonl"),
+                "--answer-list", str(b / "answers_gpt4.jsonl"), str(self.paths.answers(tower)),
+                "--output", str(self.paths.reviews(tower)), "--judge", "shapes",
+                "--ground-truth", str(b / "ground_truth.jsonl")]
 
-    def grounding(self, tower: str) -> None:
-        from llava_uta.eval.llavabench.__main__ import main
-
+    def grounding_argv(self, tower: str) -> list[str]:
         g = self.paths.grounding_questions
-        main(["grounding", "--model-path", str(self.paths.llava(tower, 2)), "--question-file",
-              str(g / "questions.jsonl"), "--image-folder", str(g / "images"), "--answers-file",
-              str(self.paths.grounding_answers(tower)), "--output", str(self.paths.grounding(tower)),
-              "--model-id", f"llava-{tower}", "--max-new-tokens", str(self.profile.bench_max_new_tokens),
-              "--batch-size", "8"])
+        return ["grounding", "--model-path", str(self.paths.llava(tower, 2)), "--question-file",
+                str(g / "questions.jsonl"), "--image-folder", str(g / "images"), "--answers-file",
+                str(self.paths.grounding_answers(tower)), "--output", str(self.paths.grounding(tower)),
+                "--model-id", f"llava-{tower}", "--max-new-tokens", str(self.profile.bench_max_new_tokens),
+                "--batch-size", "8"]

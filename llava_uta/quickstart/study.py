@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from llava_uta.io_utils import save_figure_atomic, write_json_atomic, write_text_atomic
-from llava_uta.quickstart.pipeline import GRID, STUDENTS, Layout, pretrain_argv
+from llava_uta.quickstart.pipeline import GRID, STUDENTS, FolderState, Layout, Stage, pretrain_argv, run_stages
 from llava_uta.quickstart.profiles import RECIPE
 from pretrain.masking import KeepIndexGenerator, render_masks
 
@@ -87,16 +87,17 @@ def run_folder(study: Path, name: str, seed: int) -> Path:
     return study / name / f"seed{seed}"
 
 
-def train(paths: Layout, study: Path, profile: StudyProfile, name: str, seed: int, cache_views: int) -> None:
-    """One student of the study (resumes an interrupted one)."""
-    from pretrain.train import main
-
+def run_stage(paths: Layout, study: Path, profile: StudyProfile, name: str, seed: int, cache_views: int) -> Stage:
+    """One student of the study, a `uta-pretrain` run (it resumes an interrupted one)."""
     budget = ["--max_steps", str(profile.steps)]
     if profile.seconds:
         budget += ["--max_train_seconds", str(profile.seconds)]
     cache = ["--teacher_cache", str(paths.teacher_cache), "--cache_views", str(cache_views)] if cache_views else []
-    main([*pretrain_argv(paths, run_folder(study, name, seed), seed, profile.batch, profile.warmup),
-          "--save_every", "50", "--eval_points", str(profile.eval_points), *budget, *cache, *RUNS[name][0]])
+    folder = run_folder(study, name, seed)
+    argv = [*pretrain_argv(paths, folder, seed, profile.batch, profile.warmup),
+            "--save_every", "50", "--eval_points", str(profile.eval_points), *budget, *cache, *RUNS[name][0]]
+    return Stage(f"{name}-seed{seed}", f"{RUNS[name][1]}, seed {seed}", "uta-pretrain", lambda: argv,
+                 folder / "summary.json")
 
 
 # ---- reading the runs
@@ -245,14 +246,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"llava-uta-study: {study} holds runs with other budgets ({record}): delete it to start over")
     study.mkdir(parents=True, exist_ok=True)
     write_json_atomic(record, wanted)
-    todo = [(name, seed) for seed in range(profile.seeds) for name in profile.runs]
-    for i, (name, seed) in enumerate(todo, 1):
-        header = f"[{i}/{len(todo)}] {RUNS[name][1]}, seed {seed}"
-        if (run_folder(study, name, seed) / "summary.json").is_file():
-            print(f"{header}: done", flush=True)
-            continue
-        print(f"{header} ...", flush=True)
-        train(paths, study, profile, name, seed, args.cache_views)
+    run_stages([run_stage(paths, study, profile, name, seed, args.cache_views)
+                for seed in range(profile.seeds) for name in profile.runs], FolderState())
     text = write_report(study, args.profile, profile, collect(study))
     print("\n" + text, end="")
     print(f"results: {study / 'study.md'} (plots in {study / 'plots'})")

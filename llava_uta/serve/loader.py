@@ -21,11 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    LlavaForConditionalGeneration,
+)
 
 import llava_uta.model  # noqa: F401  (registers the UTA tower with transformers' Auto classes)
 from llava_uta.conversation import conv_templates
 from llava_uta.model.checkpoint import load_state_dict_file
+from llava_uta.model.language_model import load_tokenizer
 from llava_uta.model.llava_builder import load_lora_model, rebuild_llava, recorded_parts
 from llava_uta.model.processors import make_processor
 from llava_uta.model.projector import load_llava_projector
@@ -81,7 +88,7 @@ def folder_kind(model_path: str | os.PathLike) -> str:
 
 
 def _load_full(model_path: str, dtype: torch.dtype):
-    model = LlavaForConditionalGeneration.from_pretrained(model_path, dtype=dtype)
+    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype)
     return model, AutoProcessor.from_pretrained(model_path)
 
 
@@ -91,9 +98,9 @@ def _load_lora(model_path: str, model_base: str | None, dtype: torch.dtype):
 
 
 def _load_projector(model_path: str, model_base: str | None, dtype: torch.dtype, image_aspect_ratio: str):
-    config = LlavaConfig.from_pretrained(model_path)
+    config = AutoConfig.from_pretrained(model_path)
     model_base, tower = recorded_parts(config, model_base)
-    tokenizer = AutoTokenizer.from_pretrained(model_base)
+    tokenizer = load_tokenizer(model_base)
     model = rebuild_llava(config, tokenizer, model_base, tower, dtype)
     weights = next(Path(model_path, name) for name in PROJECTOR_FILES if Path(model_path, name).is_file())
     load_llava_projector(model.model.multi_modal_projector, load_state_dict_file(weights), config.mm_projector_type)
@@ -132,7 +139,9 @@ def load_pretrained_model(
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that choose and load a model (shared by the chat and the bench answerer)."""
     parser.add_argument("--model-path", required=True, help="stage-2, LoRA or stage-1 output folder")
-    parser.add_argument("--model-base", help="base LLM of a LoRA / stage-1 folder (default: from its config.json)")
+    parser.add_argument("--model-base",
+                        help="base LLM (folder or GGUF file) of a LoRA / stage-1 folder (default: recorded in its "
+                        "config.json)")
     parser.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
     parser.add_argument("--dtype", help="float32 / bfloat16 / float16 (default: follows the device)")
     parser.add_argument(

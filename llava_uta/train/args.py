@@ -15,10 +15,16 @@ import transformers
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "causal LM folder (e.g. Vicuna-7B), or a Llava folder"})
-    version: str = field(default="v1", metadata={"help": "conversation template: plain, v1, llava_llama_2, ..."})
+    model_name_or_path: str = field(
+        metadata={"help": "causal LM folder (e.g. Vicuna-7B) or GGUF file, or a Llava folder"}
+    )
+    version: str = field(
+        default="v1", metadata={"help": "conversation template: plain, v1, chatml, llava_llama_2, ..."}
+    )
     vision_tower: str | None = field(default=None, metadata={"help": "tower folder from llava-uta-convert"})
-    mm_projector_type: str = field(default="linear", metadata={"help": "linear or mlp2x_gelu"})
+    mm_projector_type: str = field(
+        default="linear", metadata={"help": "linear, mlp2x_gelu, or pixel_shuffleF_mlp2x_gelu (F x F tokens merged)"}
+    )
     mm_vision_select_layer: int = field(default=-2, metadata={"help": "tower hidden state fed to the projector"})
     mm_vision_select_feature: str = field(default="patch", metadata={"help": "patch (drop CLS) or cls_patch"})
     pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "stage-1 mm_projector.bin"})

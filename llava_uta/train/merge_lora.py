@@ -1,4 +1,4 @@
-"""Merge a LoRA training output into a plain Llava folder (loads with LlavaForConditionalGeneration.from_pretrained).
+"""Merge a LoRA training output into a plain Llava folder (loads with AutoModelForImageTextToText.from_pretrained).
 
     llava-uta-merge-lora --model_path checkpoints/llava-uta-lora --save_model_path checkpoints/llava-uta-merged
 
@@ -29,12 +29,18 @@ def merge_lora(
     return merged
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_path", required=True, help="output folder of a --lora_enable run")
     parser.add_argument("--save_model_path", required=True)
-    parser.add_argument("--model_base", help="the LLM the run started from (default: recorded in config.json)")
+    parser.add_argument("--model_base",
+                        help="the LLM (folder or GGUF file) the run started from (default: recorded in config.json)")
     parser.add_argument("--vision_tower", help="the tower the run used (default: recorded in config.json)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     merge_lora(args.model_path, args.save_model_path, args.model_base, args.vision_tower)
     print(f"wrote {args.save_model_path}")

@@ -227,7 +227,7 @@ def mean_ends(losses: list[float]) -> str:
     return f"{sum(losses[:k]) / k:.3f} -> {sum(losses[-k:]) / k:.3f}"
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", required=True, help="text file, one passage per line")
     parser.add_argument("--chat_json", help="LLaVA conversation JSON to add, rendered with --version")
@@ -246,6 +246,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sft_batch_size", type=int, default=16)
     parser.add_argument("--sft_lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if bool(args.sft_json) != (args.sft_steps > 0):
         parser.error("--sft_json and --sft_steps (> 0) go together")

@@ -21,8 +21,8 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
+    AutoModelForImageTextToText,
     AutoProcessor,
-    AutoTokenizer,
     HfArgumentParser,
     LlavaForConditionalGeneration,
     set_seed,
@@ -31,7 +31,9 @@ from transformers import (
 from llava_uta.data.llava_dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset
 from llava_uta.distributed import end_process_group, init_distributed
 from llava_uta.model.checkpoint import load_state_dict_file, save_state_dict_file
+from llava_uta.model.language_model import is_gguf, load_tokenizer
 from llava_uta.model.llava_builder import NON_LORA_FILE, build_llava
+from llava_uta.model.merge_llava import LLAVA_MODEL_TYPES
 from llava_uta.model.processors import make_processor
 from llava_uta.model.projector import load_llava_projector, projector_to_llava, trainable_projector_parameters
 from llava_uta.train.args import DataArguments, ModelArguments, TrainingArguments
@@ -41,14 +43,13 @@ logger = logging.getLogger(__name__)
 
 
 def load_model(model_args: ModelArguments, training_args: TrainingArguments):
-    """(model, tokenizer, tower image processor): a Llava folder as is, or an LM + tower assembled by build_llava."""
+    """(model, tokenizer, tower image processor): a Llava folder as is, or an LM (folder or GGUF file) + tower assembled
+    by build_llava."""
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else None
     path = model_args.model_name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(
-        path, model_max_length=training_args.model_max_length, padding_side="right"
-    )
-    if AutoConfig.from_pretrained(path).model_type == "llava":
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    tokenizer = load_tokenizer(path, model_max_length=training_args.model_max_length, padding_side="right")
+    if not is_gguf(path) and AutoConfig.from_pretrained(path).model_type in LLAVA_MODEL_TYPES:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
         model.model.vision_tower.requires_grad_(False)
         return model, tokenizer, AutoProcessor.from_pretrained(path).image_processor
     if model_args.vision_tower is None:
@@ -144,9 +145,12 @@ def resume_point(training_args: TrainingArguments) -> str | bool | None:
     return None
 
 
+def build_parser() -> HfArgumentParser:
+    return HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, training_args = build_parser().parse_args_into_dataclasses(args=argv)
     if training_args.mm_vision_tower_lr is not None and not model_args.unfreeze_mm_vision_tower:
         raise ValueError("--mm_vision_tower_lr is set but the tower is frozen: add --unfreeze_mm_vision_tower True")
     return model_args, data_args, training_args

@@ -10,16 +10,23 @@ from pathlib import Path
 from llava_uta.data.shapes.writer import ShapesWorldConfig, build
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ShapesWorldConfig, argparse.Namespace]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-uta-shapes", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("playground/data/shapes"), help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing world made with another config")
     parser.add_argument("--workers", type=int, default=2, help="rendering processes (the output does not depend on it)")
     for f in fields(ShapesWorldConfig):
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}", dest=f.name, type=int, default=f.default, help=f"(default: {f.default})"
-        )
-    args = parser.parse_args(argv)
+        flag = f"--{f.name.replace('_', '-')}"
+        if f.type == "bool":
+            parser.add_argument(flag, dest=f.name, action="store_true",
+                                help="images show each scene graph as a code for the symbolic tower (a diagnostic)")
+        else:
+            parser.add_argument(flag, dest=f.name, type=int, default=f.default, help=f"(default: {f.default})")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ShapesWorldConfig, argparse.Namespace]:
+    args = build_parser().parse_args(argv)
     cfg = ShapesWorldConfig(**{f.name: getattr(args, f.name) for f in fields(ShapesWorldConfig)})
     return cfg, args
 

@@ -38,6 +38,10 @@ GRIDS = (2, 3)  # cells per side
 ROWS = {2: ("top", "bottom"), 3: ("top", "middle", "bottom")}
 COLS = {2: ("left", "right"), 3: ("left", "center", "right")}
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased edges, exact colours inside objects
+# The symbolic rendering (the ladder's diagnostic input, no pixels of the objects): each grid cell shows its object's
+# facts as a CODE_SIDE x CODE_SIDE pattern of white (fact true) and black squares, facts in this order, row-major
+FACTS = (*COLORS, *SHAPES, *SIZES)
+CODE_SIDE = 4
 
 
 def position_name(row: int, col: int, grid: int = 3) -> str:
@@ -192,3 +196,18 @@ def render(scene: dict) -> Image.Image:
         else:
             draw.polygon(_polygon(o["shape"], cx, cy, r), fill=color)
     return canvas.reduce(s)
+
+
+def render_symbolic(scene: dict) -> Image.Image:
+    """The scene graph as a code image: cell (row, col) holds its object's one-hot colour, shape and size (FACTS) as
+    white squares of a CODE_SIDE x CODE_SIDE pattern; an empty cell is black. Read back by the symbolic tower."""
+    w, grid = scene["width"], scene["grid"]
+    squares = grid * CODE_SIDE
+    edges = [round(k * w / squares) for k in range(squares + 1)]
+    code = np.zeros((w, w, 3), dtype=np.uint8)
+    for o in scene["objects"]:
+        for fact in (o["color"], o["shape"], o["size"]):
+            i, j = divmod(FACTS.index(fact), CODE_SIDE)
+            y, x = o["row"] * CODE_SIDE + i, o["col"] * CODE_SIDE + j
+            code[edges[y]:edges[y + 1], edges[x]:edges[x + 1]] = 255
+    return Image.fromarray(code)

@@ -12,11 +12,14 @@ from pathlib import Path
 from llava_uta.constants import DEFAULT_IMAGE_TOKEN
 from llava_uta.data.shapes import language as lang
 from llava_uta.data.shapes.scene import (
+    CODE_SIDE,
     COLORS,
+    FACTS,
     GRIDS,
     SHAPES,
     largest_object,
     render,
+    render_symbolic,
     sample_scene,
     scene_key,
     shape_variants,
@@ -49,6 +52,7 @@ class ShapesWorldConfig:
     num_bench_images: int = 30
     questions_per_bench_image: int = 2
     num_grounding_images: int = 100  # held-out images with short-answer questions of every kind + a description
+    symbolic: bool = False  # images show each scene graph as a code for the symbolic tower (diagnostic), no drawing
 
     def validate(self) -> None:
         if self.image_size < 32:
@@ -112,15 +116,15 @@ def sample_scene_groups(rng: random.Random, n: int, size: int, grid: int, exclud
     return scenes[:n]
 
 
-def _render_to(job: tuple[dict, str]) -> None:
-    scene, path = job
-    render(scene).save(path, format="PNG")
+def _render_to(job: tuple[dict, str, bool]) -> None:
+    scene, path, symbolic = job
+    (render_symbolic if symbolic else render)(scene).save(path, format="PNG")
 
 
-def write_images(root: Path, scenes: list[dict], workers: int) -> None:
+def write_images(root: Path, scenes: list[dict], workers: int, symbolic: bool = False) -> None:
     for scene in scenes:
         (root / scene["image"]).parent.mkdir(parents=True, exist_ok=True)
-    jobs = [(s, str(root / s["image"])) for s in scenes]
+    jobs = [(s, str(root / s["image"]), symbolic) for s in scenes]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             list(pool.map(_render_to, jobs, chunksize=256))
@@ -297,7 +301,7 @@ def generate(cfg: ShapesWorldConfig, out: Path, workers: int = 2) -> dict[str, i
             zeroshot.append(scene)
 
     scenes = bench + grounding + clip + pretrain + zeroshot
-    write_images(out, scenes, workers)
+    write_images(out, scenes, workers, cfg.symbolic)
     write_jsonl(
         out / "scenes.jsonl", [{"image": s["image"], **{k: v for k, v in s.items() if k != "image"}} for s in scenes]
     )
@@ -351,7 +355,10 @@ def generate(cfg: ShapesWorldConfig, out: Path, workers: int = 2) -> dict[str, i
         "text/corpus.txt lines": len(corpus),
         "scenes.jsonl": len(scenes),
     }
-    write_json(out / "manifest.json", {"format_version": FORMAT_VERSION, "config": asdict(cfg), "counts": counts})
+    manifest = {"format_version": FORMAT_VERSION, "config": asdict(cfg), "counts": counts}
+    if cfg.symbolic:  # how the images are drawn: what the symbolic tower reads back
+        manifest["symbolic_code"] = {"facts": list(FACTS), "code_side": CODE_SIDE}
+    write_json(out / "manifest.json", manifest)
     return counts
 
 

@@ -15,8 +15,8 @@ found when one sentence names its colour, shape and position, F1 = 2 x found / (
 objects). Each kind's *chance* is the share of its most frequent true answer (what a model that always gives
 that answer scores), the floor an image-blind model can reach from the question alone.
 
-With `--scene-in-words`, `--model-path` is a text-only causal LM (e.g. the tiny LM LLaVA is built on) and each
-short question comes after the image's detailed description in words (the reference answer of its description
+With `--scene-in-words`, `--model-path` is a text-only causal LM, folder or GGUF file (the LM LLaVA is built on),
+and each short question comes after the image's detailed description in words (the reference answer of its description
 question) in place of the image: how well the LLM answers from facts in its context, the ceiling for a LLaVA
 model on it. The descriptions themselves are not asked for in this mode.
 
@@ -33,7 +33,6 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llava_uta.conversation import generation_prompt, get_template
 from llava_uta.data.shapes.scene import COLORS
@@ -49,6 +48,7 @@ from llava_uta.eval.llavabench.shapes_judge import (
 )
 from llava_uta.eval.llavabench.shapes_judge import words as answer_words
 from llava_uta.io_utils import write_json_atomic
+from llava_uta.model.language_model import load_language_model, load_tokenizer
 from llava_uta.serve.chat import final_text
 from llava_uta.serve.loader import DEFAULT_CONV_MODE, add_model_arguments, load_from_args
 
@@ -138,8 +138,8 @@ def scene_descriptions(questions: list[dict], where: str) -> dict[str, str]:
 def answer_in_words(model_path: str, questions: list[dict], descriptions: dict[str, str], answers_file: str,
                     model_id: str, conv_mode: str, batch_size: int) -> None:
     """Greedy short answers of a text-only LM to each question after its image's description (appended, resumable)."""
-    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")  # answers follow every prompt
-    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    tokenizer = load_tokenizer(model_path, padding_side="left")  # answers follow every prompt
+    model = load_language_model(model_path).eval()
     stop = get_template(conv_mode).stop_str
     log = AppendLog(answers_file)
     todo = [q for q in questions if q["question_id"] not in log.done_ids]

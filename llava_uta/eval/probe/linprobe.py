@@ -87,7 +87,7 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", required=True, help="ImageFolder train split (ROOT/CLASS/IMAGE)")
     parser.add_argument("--val", required=True, help="ImageFolder val split (its classes: a subset of train's)")
@@ -97,6 +97,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="results JSON")
     parser.add_argument("--table", help="markdown table (default: OUT with suffix .md)")
     add_tower_arguments(parser, default_layer=-1)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     result = {"command": "llava-uta-linprobe", "train": args.train, "val": args.val, "pool": args.pool,

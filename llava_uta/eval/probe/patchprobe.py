@@ -127,7 +127,7 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="ShapesWorld root (with scenes.jsonl), from llava-uta-shapes")
     parser.add_argument("--train-dir", action="append", help="image folder(s) under DATA to fit on (repeatable; "
@@ -148,6 +148,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="results JSON")
     parser.add_argument("--table", help="markdown table (default: OUT with suffix .md)")
     add_tower_arguments(parser, default_layer=-2)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.window < 1 or args.window % 2 == 0:
         parser.error(f"--window must be an odd number >= 1 (a neighbourhood centred on the patch), got {args.window}")
