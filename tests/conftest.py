@@ -155,3 +155,13 @@ def llava_runs(llava_parts, tmp_path_factory) -> dict[str, Path]:
     solid_image(root / "red.png", "red")
     return {**llava_parts, "stage1": root / "stage1", "stage2": root / "stage2", "lora": root / "lora",
             "image": root / "red.png"}
+
+
+@pytest.fixture(scope="session")
+def chat_gguf(tmp_path_factory) -> Path:
+    """A tiny ChatML Llama (byte-level BPE, SmolLM2's special tokens) as a GGUF file, as the shipped LM is one."""
+    from gguf_helpers import chat_tokenizer, tiny_chat_llama, write_gguf
+    from llava_helpers import corpus
+
+    tokenizer = chat_tokenizer(corpus() + ["<image>", "You are a helpful assistant. What shape is it?"])
+    return write_gguf(tiny_chat_llama(tokenizer), tokenizer, tmp_path_factory.mktemp("chat_lm") / "tiny-chat.gguf")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llava_uta.conversation import conv_templates, generation_prompt, get_template
+from llava_uta.conversation import SeparatorStyle, conv_templates, generation_prompt, get_template
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -62,6 +62,8 @@ def test_spans_cover_exactly_the_answers_and_their_separator(version):
     answers = [prompt[a:b] for a, b in spans]
     if version == "plain":
         assert answers == ["A cat.\n"]
+    elif conv.sep_style == SeparatorStyle.CHATML:  # after "<|im_start|>assistant\n", up to <|im_end|>
+        assert answers == [answer + "<|im_end|>" for answer in ("A cat.", "Orange.")]
     else:  # the span starts where the generation prompt ends ("ASSISTANT:" / "[/INST]")
         closing = conv.stop_str if version != "llava_llama_2" else " </s>"
         assert answers == [" " + answer + closing for answer in ("A cat.", "Orange.")]
@@ -79,3 +81,19 @@ def test_turn_order_and_copies_are_checked():
         get_template("v0")
     with pytest.raises(ValueError, match="odd number"):
         generation_prompt("v1", TURNS[:2])
+
+
+def test_chatml_is_the_tokenizers_own_chat_template_with_the_same_system_turn():
+    """`chatml` (LLaVA-NeXT's qwen_1_5) renders what a ChatML tokenizer's apply_chat_template renders for the same
+    turns, system turn included; answers end with <|im_end|>, where generation stops."""
+    from gguf_helpers import chat_tokenizer
+
+    tokenizer = chat_tokenizer(["What is this? A cat."] * 10)
+    conv = _conv("chatml", TURNS)
+    roles = ["user", "assistant"] * 2
+    messages = [{"role": "system", "content": conv.system}] + [
+        {"role": role, "content": text} for role, text in zip(roles, TURNS, strict=True)]
+    assert conv.get_prompt() == tokenizer.apply_chat_template(messages, tokenize=False)
+    assert generation_prompt("chatml", TURNS[:3]) == tokenizer.apply_chat_template(
+        messages[:4], tokenize=False, add_generation_prompt=True)
+    assert get_template("chatml").stop_str == "<|im_end|>" and conv_templates["qwen_1_5"] is conv_templates["chatml"]

@@ -209,3 +209,20 @@ def test_modality_grouping_keeps_each_megabatch_single_modality():
         assert len({lengths[i] > 0 for i in chunk}) == 1
         assert [abs(lengths[i]) for i in chunk] == sorted((abs(lengths[i]) for i in chunk), reverse=True)
     assert {lengths[i] > 0 for i in order[12:]} == {True, False}  # 9 images + 6 texts: the leftovers share the tail
+
+
+def test_chatml_labels_exactly_the_answers_and_their_im_end(chat_gguf, data_root):
+    """A ChatML LM's tokenizer (from its GGUF file): every answer and its <|im_end|> is supervised, nothing else."""
+    from llava_uta.model.language_model import load_tokenizer
+    from llava_uta.model.llava_builder import add_image_token
+
+    tokenizer = load_tokenizer(chat_gguf)
+    add_image_token(tokenizer)
+    item = _dataset(tokenizer, data_root / "instruct.json", data_root, version="chatml")[0]
+    sample = json.loads((data_root / "instruct.json").read_text())[0]
+    answers = [turn["value"] for turn in sample["conversations"][1::2]]
+    assert _supervised_runs(tokenizer, item) == [a + "<|im_end|>" for a in answers]
+    prompt = generation_prompt("chatml", ["<image>\nWhat is in the image?", answers[0], "What color is it?"])
+    expected = tokenizer(prompt + answers[1] + "<|im_end|>\n")["input_ids"]
+    image = tokenizer.convert_tokens_to_ids("<image>")
+    assert item["input_ids"].tolist() == [t for tok in expected for t in ([tok] * N_IMAGE if tok == image else [tok])]

@@ -20,7 +20,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
@@ -76,8 +75,10 @@ class SymbolicVisionModel(PreTrainedModel):
     def cell_facts(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, H, W) normalised code images -> (B, grid^2, facts) in {0, 1}, cells row-major."""
         c = self.config
-        brightness = (pixel_values.float() * self.std + self.mean).mean(1, keepdim=True)  # back to [0, 1]
-        squares = F.adaptive_avg_pool2d(brightness, c.grid * c.code_side)[:, 0] > 0.5
+        brightness = (pixel_values.float() * self.std + self.mean).mean(1)  # back to [0, 1]
+        n = c.grid * c.code_side  # code squares per side; each is read at its centre pixel
+        centres = ((torch.arange(n, device=brightness.device) + 0.5) * brightness.shape[-1] / n).long()
+        squares = brightness[:, centres][:, :, centres] > 0.5
         b = squares.shape[0]
         cells = squares.reshape(b, c.grid, c.code_side, c.grid, c.code_side).permute(0, 1, 3, 2, 4)
         return self.readout(cells.reshape(b, c.grid * c.grid, c.code_side**2).to(self.readout.weight.dtype))

@@ -59,6 +59,9 @@ class ShapesWorldConfig:
             raise ValueError(f"image_size must be at least 32 px, got {self.image_size}")
         if self.grid not in GRIDS:
             raise ValueError(f"grid must be one of {GRIDS}, got {self.grid}")
+        if self.symbolic and self.image_size < 2 * self.grid * CODE_SIDE:
+            raise ValueError(f"a symbolic world needs image_size of at least {2 * self.grid * CODE_SIDE} px "
+                             f"(2 px per code square), got {self.image_size}")
         if not 0 <= self.clip_single_percent <= 100:
             raise ValueError(f"clip_single_percent must be in 0..100, got {self.clip_single_percent}")
         if self.clip_single_percent and self.clip_group_size > len(SHAPES):
