@@ -151,3 +151,21 @@ def test_scene_in_words_asks_a_text_lm_each_short_question_after_the_description
     questions.write_text("".join(json.dumps(r) + "\n" for r in rows if r["kind"] != "detail"))
     with pytest.raises(ValueError, match="no description question .*'000.png'"):
         bench_main(args("other.jsonl"))
+
+
+@pytest.mark.parametrize("source", ["llava", "gguf"])
+def test_scene_in_words_takes_a_llava_output_or_a_gguf_lm(source, llava_runs, chat_gguf, tmp_path):
+    """A LLaVA folder answers with its LM and its own template (the ladder's words step); a GGUF LM with --conv-mode."""
+    rng = random.Random(1)
+    scenes = [sample_scene(rng, 64, grid=2) for _ in range(2)]
+    for i, scene in enumerate(scenes):
+        scene["image"] = f"eval/grounding/images/{i:03d}.png"
+    rows = grounding_questions(scenes, rng)
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model, mode = (llava_runs["stage2"], []) if source == "llava" else (chat_gguf, ["--conv-mode", "chatml"])
+    bench_main(["grounding", "--scene-in-words", "--model-path", str(model), *mode, "--question-file", str(questions),
+                "--answers-file", str(tmp_path / "answers.jsonl"), "--output", str(tmp_path / "result.json")])
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == sum(r["kind"] != "detail" for r in rows)
+    assert {a["metadata"]["conv_mode"] for a in answers} == {"v1" if source == "llava" else "chatml"}

@@ -16,6 +16,7 @@ imports no training code: the LoRA and stage-1 cases rebuild the base with the m
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from llava_uta.conversation import conv_templates
 from llava_uta.model.checkpoint import load_state_dict_file
 from llava_uta.model.language_model import load_tokenizer
 from llava_uta.model.llava_builder import load_lora_model, rebuild_llava, recorded_parts
+from llava_uta.model.merge_llava import LLAVA_MODEL_TYPES
 from llava_uta.model.processors import make_processor
 from llava_uta.model.projector import load_llava_projector
 
@@ -72,6 +74,12 @@ def resolve_dtype(device: str | torch.device, dtype: torch.dtype | str | None = 
     if kind == "cpu" and dtype == torch.float16:
         raise ValueError("float16 does not run on the CPU (addmm is not implemented for Half); use float32 or bfloat16")
     return dtype
+
+
+def is_llava_output(model_path: str | os.PathLike) -> bool:
+    """True for a LLaVA training output folder (stage 1, stage 2, LoRA), False for a language model."""
+    config = Path(model_path) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") in LLAVA_MODEL_TYPES
 
 
 def folder_kind(model_path: str | os.PathLike) -> str:

@@ -15,10 +15,11 @@ found when one sentence names its colour, shape and position, F1 = 2 x found / (
 objects). Each kind's *chance* is the share of its most frequent true answer (what a model that always gives
 that answer scores), the floor an image-blind model can reach from the question alone.
 
-With `--scene-in-words`, `--model-path` is a text-only causal LM, folder or GGUF file (the LM LLaVA is built on),
-and each short question comes after the image's detailed description in words (the reference answer of its description
-question) in place of the image: how well the LLM answers from facts in its context, the ceiling for a LLaVA
-model on it. The descriptions themselves are not asked for in this mode.
+With `--scene-in-words`, `--model-path` is a text-only causal LM, folder or GGUF file (the LM LLaVA is built on), or
+a LLaVA training output (its LM answers, no image given), and each short question comes after the image's detailed
+description in words (the reference answer of its description question) in place of the image: how well the LLM
+answers from facts in its context, the ceiling for a LLaVA model on it. The descriptions themselves are not asked
+for in this mode.
 
     llava-uta-bench grounding --scene-in-words --model-path runs/shapes/tiny-lm \\
         --question-file playground/data/shapes/eval/grounding/questions.jsonl \\
@@ -50,7 +51,13 @@ from llava_uta.eval.llavabench.shapes_judge import words as answer_words
 from llava_uta.io_utils import write_json_atomic
 from llava_uta.model.language_model import load_language_model, load_tokenizer
 from llava_uta.serve.chat import final_text
-from llava_uta.serve.loader import DEFAULT_CONV_MODE, add_model_arguments, load_from_args
+from llava_uta.serve.loader import (
+    DEFAULT_CONV_MODE,
+    add_model_arguments,
+    is_llava_output,
+    load_from_args,
+    load_pretrained_model,
+)
 
 KINDS = ("color", "shape", "count", "position", "existence", "relation")
 SHORT_MAX_NEW_TOKENS = 16
@@ -136,10 +143,16 @@ def scene_descriptions(questions: list[dict], where: str) -> dict[str, str]:
 
 
 def answer_in_words(model_path: str, questions: list[dict], descriptions: dict[str, str], answers_file: str,
-                    model_id: str, conv_mode: str, batch_size: int) -> None:
-    """Greedy short answers of a text-only LM to each question after its image's description (appended, resumable)."""
-    tokenizer = load_tokenizer(model_path, padding_side="left")  # answers follow every prompt
-    model = load_language_model(model_path).eval()
+                    model_id: str, conv_mode: str | None, batch_size: int) -> None:
+    """Greedy short answers of a text-only LM to each question after its image's description (appended, resumable);
+    `conv_mode` defaults to a LLaVA output's own template, else v1."""
+    if is_llava_output(model_path):  # e.g. a stage 2 trained on the scenes in words: its LM, no image
+        loaded = load_pretrained_model(model_path, device="cpu")
+        model, tokenizer, conv_mode = loaded.model, loaded.tokenizer, conv_mode or loaded.conv_mode
+        tokenizer.padding_side = "left"  # answers follow every prompt
+    else:
+        tokenizer = load_tokenizer(model_path, padding_side="left")
+        model, conv_mode = load_language_model(model_path).eval(), conv_mode or DEFAULT_CONV_MODE
     stop = get_template(conv_mode).stop_str
     log = AppendLog(answers_file)
     todo = [q for q in questions if q["question_id"] not in log.done_ids]
@@ -180,8 +193,8 @@ def run(args: argparse.Namespace) -> None:
     detail = [q for q in questions if q["kind"] == "detail"]
     if args.scene_in_words:
         descriptions = scene_descriptions(questions, args.question_file)
-        answer_in_words(args.model_path, short, descriptions, args.answers_file, model_id,
-                        args.conv_mode or DEFAULT_CONV_MODE, args.batch_size)
+        answer_in_words(args.model_path, short, descriptions, args.answers_file, model_id, args.conv_mode,
+                        args.batch_size)
         questions = short
     else:
         if args.image_folder is None:
