@@ -15,11 +15,11 @@ from transformers import AutoModel
 
 from llava_uta.data.image_folder import ImageDataError, checked_image_folder, limit_per_class
 from llava_uta.data.shapes.scene import COLORS, render, sample_scene
-from llava_uta.eval.probe.data import BACKGROUND, ProbeDataError, label_patches, patch_labels
+from llava_uta.eval.probe.data import BACKGROUND, PatchLabels, ProbeDataError, label_patches, patch_labels
 from llava_uta.eval.probe.linear import fit_linear_probe, majority_chance
 from llava_uta.eval.probe.linprobe import main as linprobe_main
 from llava_uta.eval.probe.patchprobe import main as patchprobe_main
-from llava_uta.eval.probe.patchprobe import neighbourhoods
+from llava_uta.eval.probe.patchprobe import merged_index, neighbourhoods, patch_selector
 from llava_uta.eval.probe.towers import load_tower, parse_tower
 from llava_uta.model.checkpoint import save_uta_vit
 from llava_uta.model.convert import convert
@@ -262,6 +262,24 @@ def test_patchprobe_cli_end_to_end(world, student, tmp_path):
     with pytest.raises(SystemExit):
         patchprobe_main(["--data", str(world), "--tower", str(student), "--window", "2",
                          "--out", str(tmp_path / "x.json"), *COMMON])
+
+    patchprobe_main(["--data", str(world), "--tower", f"uta={student}", "--patches", "centers", "--merge", "2",
+                     "--attributes", "shape", "--max-train-images", "20", "--out", str(tmp_path / "m.json"), *COMMON])
+    merged = json.loads((tmp_path / "m.json").read_text())
+    assert merged["merge"] == 2 and merged["towers"][0]["feature_dim"] == 4 * saved["towers"][0]["feature_dim"]
+    assert "2x2-merged token" in (tmp_path / "m.md").read_text()
+    with pytest.raises(SystemExit):  # one merged token per object: centre patches only
+        patchprobe_main(["--data", str(world), "--tower", str(student), "--merge", "2",
+                         "--out", str(tmp_path / "y.json"), *COMMON])
+
+
+def test_a_merged_token_is_the_pixel_shuffle_block_holding_the_patch():
+    grid = 4
+    tokens = torch.arange(grid * grid, dtype=torch.float).view(1, grid * grid, 1)
+    labels = PatchLabels(patches=[[0, 5, 10, 15, 3]], labels={}, classes={})
+    rows = patch_selector(labels, merge=2)(None, tokens, torch.tensor([0]))
+    assert [merged_index(p, grid, 2) for p in (0, 5, 10, 15, 3)] == [0, 0, 3, 3, 1]
+    assert rows.tolist() == [[0, 1, 4, 5], [0, 1, 4, 5], [10, 11, 14, 15], [10, 11, 14, 15], [2, 3, 6, 7]]
 
 
 def test_neighbourhoods_are_the_tokens_around_each_patch_zero_beyond_the_edge():

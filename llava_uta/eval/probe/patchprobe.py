@@ -11,6 +11,8 @@ out (`--patches centers`: only the patch at each object's centre; `--include-bac
 as one more class). `--window K` gives each labelled patch the K x K patch tokens around it, concatenated (zeros
 beyond the grid's edge): a single token shows a piece of an object, its neighbourhood shows the object's outline, so
 `--patches centers --window K` asks whether an object is readable from the tokens around it rather than from one.
+`--patches centers --merge F` probes the tokens a pixel_shuffleF projector reads: each object is represented by the
+merged token (its F x F block of patch tokens, concatenated) that holds its centre patch.
 Each tower (and with --random-init the same architecture with fresh seeded weights, the floor) encodes the images
 once; the patch tokens of --layer (default -2, the layer LLaVA feeds its projector) of the train images fit one
 linear probe per attribute (llava_uta/eval/probe/linear.py), scored on the held-out images. Train
@@ -55,6 +57,7 @@ from llava_uta.eval.probe.features import (
 )
 from llava_uta.eval.probe.linear import fit_linear_probe, majority_chance
 from llava_uta.eval.probe.towers import FrozenTower
+from llava_uta.model.projector import pixel_shuffle
 
 DEFAULT_TRAIN_DIRS = ("pretrain/train",)
 DEFAULT_TEST_DIRS = ("eval/grounding/images", "eval/llava-bench-shapes/images")
@@ -83,12 +86,20 @@ def neighbourhoods(patches: Tensor, window: int) -> Tensor:
     return cols.view(batch, dim, window * window, count).permute(0, 3, 2, 1).reshape(batch, count, -1)
 
 
-def patch_selector(labels: PatchLabels, window: int = 1) -> Selector:
-    """A selector keeping, for each image of the batch, the patch tokens (or K x K neighbourhoods) `labels` holds
-    labels for."""
+def merged_index(patch: int, grid: int, merge: int) -> int:
+    """The pixel-shuffle token (row-major over the (grid/merge)^2 blocks) that holds patch `patch` of the grid."""
+    row, col = divmod(patch, grid)
+    return (row // merge) * (grid // merge) + col // merge
+
+
+def patch_selector(labels: PatchLabels, window: int = 1, merge: int = 1) -> Selector:
+    """A selector keeping, for each image of the batch, the patch tokens (or K x K neighbourhoods, or the merged tokens
+    holding them) `labels` holds labels for."""
     def select(prefix: Tensor, patches: Tensor, indices: Tensor) -> Tensor:
-        tokens = neighbourhoods(patches, window)
-        rows = [tokens[b, labels.patches[int(i)]] for b, i in enumerate(indices)]
+        grid = math.isqrt(patches.shape[1])
+        tokens = pixel_shuffle(patches, merge) if merge > 1 else neighbourhoods(patches, window)
+        rows = [tokens[b, [merged_index(p, grid, merge) for p in labels.patches[int(i)]]]
+                for b, i in enumerate(indices)]
         return torch.cat(rows) if rows else tokens.new_zeros(0, tokens.shape[-1])
     return select
 
@@ -98,10 +109,11 @@ def patch_features(tower: FrozenTower, root: str, scenes: list[dict], labels: Pa
     """(labelled patches, D) tokens of `scenes` at --layer, in label order, extracted once (or read from the cache)."""
     files = [str(Path(root) / s["image"]) for s in scenes]
     key = cache_key(tower, args.seed, {"layer": args.layer, "patches": labels.patches, "window": args.window,
-                                       "files": files})
+                                       "merge": args.merge, "files": files})
     dataset = ImageList(files, tower.transform())
     features = cached_features(args.cache_dir, key, lambda: extract_features(
-        tower, dataset, args.layer, patch_selector(labels, args.window), args.batch_size, args.workers, split))
+        tower, dataset, args.layer, patch_selector(labels, args.window, args.merge), args.batch_size, args.workers,
+        split))
     if len(features) != labels.count:
         raise RuntimeError(f"{tower.label}: {len(features)} patch features for {labels.count} labelled patches")
     return features
@@ -113,7 +125,9 @@ def markdown_table(result: dict) -> str:
     window = result["window"]
     head = [f"Per-patch linear probes, layer {result['layer']}, patches: {result['patches']}"
             + (" (+ background class)" if result["include_background"] else "")
-            + (f", features: each patch's {window}x{window} neighbourhood of tokens" if window > 1 else "") + ".", ""]
+            + (f", features: each patch's {window}x{window} neighbourhood of tokens" if window > 1 else "")
+            + (f", features: the {result['merge']}x{result['merge']}-merged token holding it (pixel shuffle)"
+               if result.get("merge", 1) > 1 else "") + ".", ""]
     lines = head + ["| tower | " + " | ".join(attrs) + " |", "| --- |" + " ---: |" * len(attrs)]
     for grid, chance in result["chance"].items():
         cells = " | ".join(f"{100 * chance[a]:.1f}" for a in attrs)
@@ -144,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also label background patches, as class 'background' of every attribute")
     parser.add_argument("--window", type=int, default=1, help="odd K: probe each labelled patch's K x K "
                         "neighbourhood of tokens, concatenated (default 1: the patch token alone)")
+    parser.add_argument("--merge", type=int, default=1, help="F: probe the F x F-merged token (pixel shuffle, as "
+                        "--mm_projector_type pixel_shuffleF_mlp2x_gelu feeds the LM) holding each object's centre; "
+                        "with --patches centers")
     parser.add_argument("--attributes", nargs="+", choices=tuple(ATTRIBUTES), default=list(ATTRIBUTES))
     parser.add_argument("--out", required=True, help="results JSON")
     parser.add_argument("--table", help="markdown table (default: OUT with suffix .md)")
@@ -156,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.window < 1 or args.window % 2 == 0:
         parser.error(f"--window must be an odd number >= 1 (a neighbourhood centred on the patch), got {args.window}")
+    if args.merge > 1 and (args.window > 1 or args.patches != "centers"):
+        parser.error("--merge F probes one merged token per object: use it with --patches centers and no --window")
     train_dirs = args.train_dir or list(DEFAULT_TRAIN_DIRS)
     test_dirs = args.test_dir or list(DEFAULT_TEST_DIRS)
 
@@ -168,9 +187,9 @@ def main(argv: list[str] | None = None) -> None:
 
     result = {"command": "llava-uta-patchprobe", "data": args.data, "train_dirs": train_dirs, "test_dirs": test_dirs,
               "n_train_images": len(train_scenes), "n_test_images": len(test_scenes), "layer": args.layer,
-              "patches": args.patches, "window": args.window, "include_background": args.include_background,
-              "attributes": args.attributes, "seed": args.seed, "chance": {}, "patch_counts": {}, "classes": {},
-              "towers": []}
+              "patches": args.patches, "window": args.window, "merge": args.merge,
+              "include_background": args.include_background, "attributes": args.attributes, "seed": args.seed,
+              "chance": {}, "patch_counts": {}, "classes": {}, "towers": []}
     labels_by_grid: dict[int, tuple[PatchLabels, PatchLabels]] = {}
     for tower in iter_towers(args.tower, args.random_init, args.seed, args.device):
         grid = tower.grid_size
