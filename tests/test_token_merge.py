@@ -105,3 +105,4 @@ def test_stages_1_and_2_and_chat_on_a_chatml_gguf_lm_with_merged_tokens(llava_pa
         answer = session.answer("What is it?", max_new_tokens=6)
         assert isinstance(answer, str) and "<|im_end|>" not in answer
     assert load_pretrained_model(tmp_path / "stage2", device="cpu").conv_mode == "chatml"
+    assert load_pretrained_model(tmp_path / "stage1", chat_gguf, device="cpu").conv_mode == "plain"

@@ -139,7 +139,8 @@ def load_pretrained_model(
     else:
         model, processor = _load_full(model_path, dtype)
     model = model.to(device).eval()
-    conv_mode = getattr(model.config, "conv_mode", None) or DEFAULT_CONV_MODE
+    # the template the folder was trained with (a stage-1 or LoRA model is rebuilt: read its own config.json)
+    conv_mode = getattr(AutoConfig.from_pretrained(model_path), "conv_mode", None) or DEFAULT_CONV_MODE
     context_len = getattr(model.config.text_config, "max_position_embeddings", None) or 2048
     return LoadedModel(model, processor, conv_mode, context_len)
 

@@ -128,7 +128,8 @@ def format_table(results: dict[str, dict]) -> str:
     for name, r in results.items():
         cells = [f"{r['kinds'][k]['accuracy'] * 100:.1f}" if k in r["kinds"] else "" for k in kinds]
         f1 = f"{r['detail']['object_f1'] * 100:.1f}" if "detail" in r else ""
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['mean_accuracy'] * 100:.1f} | {f1} |")
+        mean = "" if r["mean_accuracy"] is None else f"{r['mean_accuracy'] * 100:.1f}"  # descriptions only: no mean
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean} | {f1} |")
     return "\n".join(lines)
 
 
