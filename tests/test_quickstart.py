@@ -345,7 +345,7 @@ def test_report_tables_from_canned_results(tmp_path):
         paths.reviews(tower).write_text("".join(json.dumps(
             {"question_id": i, "category": "conv", "tuple": [10, score], "content": f"10 {score}\nreason",
              "judge": "shapes"}) + "\n" for i in range(4)))
-    state = {"stages": {"world": {"title": "ShapesWorld", "seconds": 12.0},
+    state = {"profile": {"lm": "smollm2"}, "stages": {"world": {"title": "ShapesWorld", "seconds": 12.0},
                         "teacher": {"title": "teacher CLIP", "seconds": 30.0}}}
     text = write_report(paths, state, "fast")
     assert text == paths.results.read_text()

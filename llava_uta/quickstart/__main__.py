@@ -18,7 +18,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from llava_uta.quickstart.pipeline import Layout, Pipeline, RunState, run_stages
-from llava_uta.quickstart.profiles import Profile, get_profile
+from llava_uta.quickstart.profiles import LANGUAGE_MODELS, Profile, get_profile
 from llava_uta.quickstart.report import write_report
 
 BUDGETS = [f.name for f in fields(Profile) if f.type == "int"]
@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="print the equivalent shell command of every stage (done ones marked) and run nothing")
     parser.add_argument("--data", type=Path, help="ShapesWorld folder (default playground/data/shapes[-fast])")
     parser.add_argument("--runs", type=Path, help="outputs (default runs/shapes[-fast])")
+    parser.add_argument("--lm", choices=sorted(LANGUAGE_MODELS),
+                        help="the LLM LLaVA is built on (default: the profile's: smollm2, tiny with --fast)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--host", default="127.0.0.1", help="with --serve")
     parser.add_argument("--port", type=int, default=7860, help="with --serve")
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     name = "fast" if args.fast else "default"
     suffix = "-fast" if args.fast else ""
-    profile = get_profile(name, **{b: getattr(args, b) for b in BUDGETS})
+    profile = get_profile(name, lm=args.lm, **{b: getattr(args, b) for b in BUDGETS})
     layout = Layout(args.data or Path(f"playground/data/shapes{suffix}"), args.runs or Path(f"runs/shapes{suffix}"))
     try:
         state = RunState(layout.state, profile, name)

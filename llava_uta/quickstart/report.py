@@ -12,7 +12,7 @@ from llava_uta.eval.llavabench.jsonl import read_jsonl
 from llava_uta.eval.llavabench.summarize import comparison_table, plot, summarize_reviews
 from llava_uta.io_utils import save_figure_atomic, write_text_atomic
 from llava_uta.quickstart.pipeline import GRID, STUDENTS, TOWERS, Layout
-from llava_uta.quickstart.profiles import RECIPE
+from llava_uta.quickstart.profiles import LANGUAGE_MODELS, RECIPE
 from pretrain.masking import KeepIndexGenerator, render_masks
 
 
@@ -140,6 +140,7 @@ def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
 
 def write_report(paths: Layout, state: dict, profile_name: str) -> str:
     """Write results.md and the plots under plots/; returns the markdown."""
+    lm_title = LANGUAGE_MODELS[state["profile"]["lm"]].title
     classes = len(json.loads((paths.data / "zeroshot" / "classnames.json").read_text()))
     paths.plots.mkdir(parents=True, exist_ok=True)
     sections = [f"# llava-uta quickstart results ({profile_name} profile)", "",
@@ -157,7 +158,7 @@ def write_report(paths: Layout, state: dict, profile_name: str) -> str:
         sections += ["", "## LLaVA-Bench (ShapesWorld, offline judge), relative score (%)", "",
                      comparison_table(results)]
     grounding = {f"{TOWERS[t]} tower": _read_json(paths.grounding(t)) for t in TOWERS}
-    grounding["tiny LM alone, the scene in words (no image)"] = _read_json(paths.lm_in_words)
+    grounding[f"{lm_title} alone, the scene in words (no image)"] = _read_json(paths.lm_in_words)
     grounding = {name: result for name, result in grounding.items() if result}
     if grounding:
         sections += ["", "## Grounding (held-out images, short answers), accuracy (%)", "",
