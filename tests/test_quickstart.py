@@ -237,7 +237,7 @@ def test_every_stage_is_a_tool_whose_own_parser_takes_its_flags(profile, tmp_pat
     """Flag drift: every stage's argv is parsed by the parser of the console script it runs."""
     paths = Layout(tmp_path / "data", tmp_path / "runs")
     canned_uta_summary(paths)  # the objective baselines' time budget is UTA's measured seconds
-    stages = Pipeline(paths, get_profile(profile)).stages(compare=True)
+    stages = Pipeline(paths, get_profile(profile)).stages(compare=True, ladder=True)
     assert len({s.key for s in stages}) == len(stages)
     for stage in stages:
         parser = tool_module(stage.tool).build_parser()
@@ -281,7 +281,7 @@ def test_finished_stages_are_skipped_and_an_interrupted_run_resumes(tmp_path, mo
     paths = Layout(tmp_path / "data", tmp_path / "runs")
     canned_uta_summary(paths)
     profile = get_profile("fast")
-    stages = Pipeline(paths, profile).stages(compare=True)
+    stages = Pipeline(paths, profile).stages(compare=True, ladder=True)
     keys = [s.key for s in stages]
     interrupted = StandIn(fail="stage2-uta")
     monkeypatch.setattr(pipeline, "run_stage", interrupted)

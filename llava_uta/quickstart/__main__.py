@@ -29,6 +29,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fast", action="store_true", help="the small profile used by the tests")
     parser.add_argument("--compare", action="store_true", help="also run the baselines and ablations")
+    parser.add_argument("--ladder", action="store_true",
+                        help="also run the shape ladder: stage 2 on the scenes in words, LLaVA on a symbolic tower, "
+                        "and a probe of the UTA tower's merged tokens")
     parser.add_argument("--serve", action="store_true", help="finish by serving the web demo on the trained model")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the equivalent shell command of every stage (done ones marked) and run nothing")
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         state = RunState(layout.state, profile, name)
     except ValueError as err:
         raise SystemExit(f"llava-uta-quickstart: {err}") from None
-    stages = Pipeline(layout, profile, args.seed).stages(args.compare)
+    stages = Pipeline(layout, profile, args.seed).stages(args.compare, args.ladder)
     if args.dry_run:
         for stage in stages:
             print(f"# {stage.title}{' (done)' if state.done(stage) else ''}\n{stage.command()}")

@@ -19,6 +19,7 @@ from types import ModuleType
 
 from llava_uta.data.shapes.writer import ShapesWorldConfig
 from llava_uta.io_utils import write_json_atomic
+from llava_uta.model.projector import merge_factor
 from llava_uta.model.uta_vit import UTA_VIT_CONFIGS
 from llava_uta.quickstart.profiles import LANGUAGE_MODELS, RECIPE, Profile, warmup_steps
 from pretrain.masking import KeepIndexGenerator
@@ -39,7 +40,7 @@ EQUAL_WALL_CLOCK = ("mim", "fd", "cls")
 # LLaVA's vision towers. "blind" is the UTA tower with its patch embedding zeroed: the same recipe, no image;
 # "random" the student's architecture at its seeded initialisation (the probes' random-init twin): no pre-training.
 TOWERS = {"uta": "UTA student", "teacher": "teacher CLIP", "blind": "blind (image withheld)",
-          "random": "random-init UTA ViT"}
+          "random": "random-init UTA ViT", "symbolic": "symbolic (each cell's facts, no pixels)"}
 PROBED = ("uta", "mim", "fd", "cls")  # students whose frozen features the probes read, beside the teacher's
 
 
@@ -101,6 +102,16 @@ class Layout:
 
     def llava(self, tower: str, stage: int) -> Path:
         return self.runs / "llava" / tower / f"stage{stage}"
+
+    @property
+    def symbolic_data(self) -> Path:
+        """The same world drawn as codes for the symbolic tower (`llava-uta-shapes --symbolic`)."""
+        return self.data.with_name(self.data.name + "-symbolic")
+
+    @property
+    def words(self) -> Path:
+        """The shape ladder's first step: stage 2 on the scenes in words (its LLM answers with the scene in words)."""
+        return self.runs / "llava" / "words" / "stage2"
 
     def reviews(self, tower: str) -> Path:
         return self.runs / "bench" / f"{tower}.jsonl"
@@ -193,10 +204,11 @@ class Pipeline:
         self.paths, self.profile, self.seed = layout, profile, seed
         self.lm = LANGUAGE_MODELS[profile.lm]
 
-    def stages(self, compare: bool) -> list[Stage]:
+    def stages(self, compare: bool, ladder: bool = False) -> list[Stage]:
         p = self.paths
         stages = [
-            Stage("world", "ShapesWorld", "llava-uta-shapes", self.world_argv, p.data / "manifest.json"),
+            Stage("world", "ShapesWorld", "llava-uta-shapes", lambda: self.world_argv(p.data),
+                  p.data / "manifest.json"),
             Stage("teacher", "teacher CLIP", "llava-uta-train-clip", self.teacher_argv,
                   p.teacher / "open_clip_config.json"),
             self.student_stage("uta"),
@@ -230,13 +242,33 @@ class Pipeline:
                              self.patch_probe_argv, p.probe("patch")),
                        Stage("probe-linear", "linear probes of the frozen towers", "llava-uta-linprobe",
                              self.linear_probe_argv, p.probe("linear"))]
-        return stages
+        return stages + (self.ladder_stages() if ladder else [])
+
+    def ladder_stages(self) -> list[Stage]:
+        """The shape ladder: the same LLM and stage 2 on the scene (a) in words, (b) as one symbolic token per cell,
+        (c) as UTA's merged tokens (the default run), with a probe of what (c)'s merged tokens hold."""
+        p = self.paths
+        return [
+            Stage("ladder-probe", "probe: shape in the UTA tower's merged tokens", "llava-uta-patchprobe",
+                  self.merged_probe_argv, p.probe("merged")),
+            Stage("ladder-words", "shape ladder (a): LLaVA stage 2 on the scenes in words", "llava-uta-train",
+                  self.words_argv, p.words / "model.safetensors"),
+            Stage("ladder-words-grounding", "shape ladder (a): grounding with the scene in words", "llava-uta-bench",
+                  self.words_grounding_argv, p.grounding("words")),
+            Stage("ladder-world", "shape ladder (b): the world drawn as codes", "llava-uta-shapes",
+                  lambda: [*self.world_argv(p.symbolic_data), "--symbolic"],
+                  p.symbolic_data / "manifest.json"),
+            Stage("tower-symbolic", "shape ladder (b): the symbolic tower", "llava-uta-convert",
+                  lambda: ["--symbolic", str(p.symbolic_data), str(p.tower("symbolic"))],
+                  p.tower("symbolic") / "config.json"),
+            *[s for s in self.llava_stages("symbolic") if not s.key.startswith(("answer-", "review-"))],
+        ]
 
     # ---- ShapesWorld, teacher, language model
 
-    def world_argv(self) -> list[str]:
+    def world_argv(self, out: Path) -> list[str]:
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in self.profile.world.items()]
-        return ["--out", str(self.paths.data), "--seed", str(self.seed), *flags]
+        return ["--out", str(out), "--seed", str(self.seed), *flags]
 
     def teacher_argv(self) -> list[str]:
         group_size = self.profile.world.get("clip_group_size", ShapesWorldConfig.clip_group_size)
@@ -327,6 +359,15 @@ class Pipeline:
             towers += ["--tower", f"{name}={self.paths.student(name) / 'student.safetensors'}"]
         return [*towers, "--random-init", "--seed", str(self.seed), "--workers", "0"]  # tiny images: no worker
 
+    def merged_probe_argv(self) -> list[str]:
+        """Shape and colour of each object from the pixel-shuffle token that holds it, as the projector reads it."""
+        factor = merge_factor(RECIPE.projector_type)
+        return ["--data", str(self.paths.data), "--max-train-images", str(self.profile.probe_train_images),
+                "--patches", "centers", "--merge", str(factor), "--attributes", "color", "shape",
+                "--out", str(self.paths.probe("merged")),
+                "--tower", f"uta={self.paths.student('uta') / 'student.safetensors'}", "--random-init",
+                "--seed", str(self.seed), "--workers", "0"]
+
     def patch_probe_argv(self) -> list[str]:
         return ["--data", str(self.paths.data), "--max-train-images", str(self.profile.probe_train_images),
                 "--out", str(self.paths.probe("patch")), *self.probe_towers()]
@@ -357,8 +398,9 @@ class Pipeline:
 
     def llava_argv(self, tower: str, stage: int) -> list[str]:
         p, prof, r, lm = self.paths, self.profile, RECIPE, self.lm
+        projector = "mlp2x_gelu" if tower == "symbolic" else r.projector_type  # symbolic: one token per cell already
         common = ["--model_name_or_path", str(p.lm), "--vision_tower", str(p.tower(tower)),
-                  "--mm_projector_type", r.projector_type, "--image_folder", str(p.data),
+                  "--mm_projector_type", projector, "--image_folder", str(self.image_folder(tower)),
                   "--output_dir", str(p.llava(tower, stage)), "--lr_scheduler_type", "cosine", "--logging_steps", "10",
                   "--save_strategy", "no", "--report_to", "none", "--seed", str(self.seed),
                   "--disable_tqdm", "False", "--log_level", "warning"]
@@ -376,6 +418,22 @@ class Pipeline:
                 "--learning_rate", str(lm.stage2_lr), *projector_lr,
                 "--warmup_steps", str(warmup_steps(prof.stage2_steps, r.stage2_warmup_divisor)),
                 "--group_by_modality_length", "True"]
+
+    def image_folder(self, tower: str) -> Path:
+        return self.paths.symbolic_data if tower == "symbolic" else self.paths.data
+
+    def words_argv(self) -> list[str]:
+        """Stage 2 of the UTA run, its data the same kinds of conversation with the scene in words (no image)."""
+        argv = self.llava_argv("uta", 2)
+        argv[argv.index("--output_dir") + 1] = str(self.paths.words)
+        argv[argv.index("--data_path") + 1] = str(self.paths.data / "llava" / "text_instruct.json")
+        return argv
+
+    def words_grounding_argv(self) -> list[str]:
+        p = self.paths
+        return ["grounding", "--scene-in-words", "--model-path", str(p.words), "--question-file",
+                str(p.grounding_questions / "questions.jsonl"), "--answers-file", str(p.grounding_answers("words")),
+                "--output", str(p.grounding("words")), "--model-id", "llava-words", "--batch-size", "32"]
 
     def answer_argv(self, tower: str) -> list[str]:
         """LLaVA-Bench answers (appended to the answers file: an interrupted stage resumes)."""
@@ -395,8 +453,9 @@ class Pipeline:
 
     def grounding_argv(self, tower: str) -> list[str]:
         g = self.paths.grounding_questions
+        images = self.image_folder(tower) / g.relative_to(self.paths.data) / "images"
         return ["grounding", "--model-path", str(self.paths.llava(tower, 2)), "--question-file",
-                str(g / "questions.jsonl"), "--image-folder", str(g / "images"), "--answers-file",
+                str(g / "questions.jsonl"), "--image-folder", str(images), "--answers-file",
                 str(self.paths.grounding_answers(tower)), "--output", str(self.paths.grounding(tower)),
                 "--model-id", f"llava-{tower}", "--max-new-tokens", str(self.profile.bench_max_new_tokens),
                 "--batch-size", "8"]
