@@ -383,3 +383,20 @@ def test_study_tables_from_canned_runs(tmp_path):
     assert f"| {study.RUNS['fd'][1]} | 1 | 0.100 ± 0.000 (20 s, 0.20 TFLOP) |" in text
     assert (root / "plots" / "study-objectives.png").stat().st_size > 5_000
     assert json.loads((root / "study.json").read_text())["runs"]["uta"]["mean"] == mean
+
+
+def test_the_shape_ladder_is_reported_once_its_three_steps_ran(tmp_path):
+    from llava_uta.quickstart.report import LADDER, write_report
+
+    paths = Layout(tmp_path / "data", tmp_path / "runs")
+    (paths.data / "zeroshot").mkdir(parents=True)
+    (paths.data / "zeroshot" / "classnames.json").write_text(json.dumps(["a", "b"]))
+    state = {"profile": {"lm": "smollm2"}, "stages": {}}
+    for i, key in enumerate(LADDER):
+        assert "The shape ladder" not in write_report(paths, state, "default")  # not before all three ran
+        paths.grounding(key).parent.mkdir(parents=True, exist_ok=True)
+        paths.grounding(key).write_text(json.dumps(canned_grounding(0.9 - 0.3 * i)))
+    text = write_report(paths, state, "default")
+    assert "## The shape ladder" in text and "| (a) scene in words (stage 2 on words) | 90.0 |" in text
+    assert "| (c) UTA tower, merged tokens | 30.0 |" in text
+    assert "symbolic (each cell's facts, no pixels) tower" not in text  # a ladder row, not a tower row

@@ -15,6 +15,9 @@ from llava_uta.quickstart.pipeline import GRID, STUDENTS, TOWERS, Layout
 from llava_uta.quickstart.profiles import LANGUAGE_MODELS, RECIPE
 from pretrain.masking import KeepIndexGenerator, render_masks
 
+LADDER = {"words": "(a) scene in words (stage 2 on words)", "symbolic": "(b) symbolic tokens, one per cell",
+          "uta": "(c) UTA tower, merged tokens"}
+
 
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
@@ -157,7 +160,7 @@ def write_report(paths: Layout, state: dict, profile_name: str) -> str:
         plot(results, paths.plots / "bench.png")
         sections += ["", "## LLaVA-Bench (ShapesWorld, offline judge), relative score (%)", "",
                      comparison_table(results)]
-    grounding = {f"{TOWERS[t]} tower": _read_json(paths.grounding(t)) for t in TOWERS}
+    grounding = {f"{TOWERS[t]} tower": _read_json(paths.grounding(t)) for t in TOWERS if t != "symbolic"}
     grounding[f"{lm_title} alone, the scene in words (no image)"] = _read_json(paths.lm_in_words)
     grounding = {name: result for name, result in grounding.items() if result}
     if grounding:
@@ -168,6 +171,16 @@ def write_report(paths: Layout, state: dict, profile_name: str) -> str:
                      "its patch embedding zeroed (same recipe, no image): a tower helps by its margin over that row. "
                      "The last row is the LLM LLaVA starts from, asked with each image's description in words in "
                      "place of the image (`--scene-in-words`): what it answers when the facts are in its context."]
+    ladder = {title: _read_json(paths.grounding(key)) for key, title in LADDER.items()}
+    if all(ladder.values()):
+        sections += ["", "## The shape ladder (grounding, accuracy %)", "", grounding_table(ladder), "",
+                     "The same LLM and LLaVA stage 2 on the same kinds of conversation, the scene handed over (a) in "
+                     "words, (b) as one token per grid cell holding that cell's facts (the symbolic tower: no pixels, "
+                     "no error), (c) as the UTA tower's merged patch tokens (the run above). Where accuracy drops "
+                     "from one step to the next is where the image's content is lost."]
+        probe = paths.probe("merged").with_suffix(".md")
+        if probe.is_file():
+            sections += ["", probe.read_text().strip()]
     classification = classification_table(paths)
     if classification:
         sections += ["", "## Classification fine-tuning (48 colour x shape classes)", "", classification, "",
