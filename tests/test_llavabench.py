@@ -28,7 +28,7 @@ from llava_uta.eval.llavabench.judges import (
     llava_parse_score,
     parse_score,
 )
-from llava_uta.eval.llavabench.review import OWN_RULE, RuleFile, pair_by_id, review_all
+from llava_uta.eval.llavabench.review import OWN_RULE, RuleFile, is_failed, pair_by_id, review_all
 from llava_uta.eval.llavabench.shapes_judge import score_answer
 from llava_uta.eval.llavabench.summarize import COMPARABILITY, summarize_reviews
 from llava_uta.model.llava_builder import build_llava
@@ -402,3 +402,33 @@ def test_eval_script_needs_a_rule_for_the_http_judge_and_passes_it(tmp_path):
     subprocess.run(script, env={**env, "RULE": str(rule)}, check=True, capture_output=True)
     review = next(line for line in calls.read_text().splitlines() if line.startswith("review"))
     assert f"--rule {rule}" in review and "--category-prefix" not in review  # COCO keys chosen by the context
+
+
+def test_retry_failed_asks_only_the_failed_reviews_again_and_keeps_the_order(tmp_path, monkeypatch):
+    monkeypatch.setattr("llava_uta.eval.llavabench.judges.time.sleep", lambda s: None)
+    questions = [{"question_id": i, "image": "a.png", "text": f"q{i}", "category": "conv"} for i in range(4)]
+    ref = [{"question_id": i, "text": f"ref {i}"} for i in range(4)]
+    ours = [{"question_id": i, "text": f"ours {i}"} for i in range(4)]
+    contexts = {"a.png": {"image": "a.png", "caption": "a red star"}}
+    out = tmp_path / "reviews.jsonl"
+    server = _Judge(["ok", "500", "500", "garbled", "ok", "ok", "ok"])
+    try:
+        judge = HttpJudge(base_url=server.url, model="m", max_retries=1, backoff=0.0)
+        first = review_all(judge, questions, contexts, ref, ours, RULES, out)
+        assert [is_failed(r) for r in first.records] == [False, True, True, False]
+        asked = len(server.requests)
+        again = review_all(judge, questions, contexts, ref, ours, RULES, out)  # a plain rerun keeps failures
+        assert len(server.requests) == asked and [is_failed(r) for r in again.records] == [False, True, True, False]
+        retried = review_all(judge, questions, contexts, ref, ours, RULES, out, retry_failed=True)
+        asked_twice = len(server.requests)
+        review_all(judge, questions, contexts, ref, ours, RULES, out, retry_failed=True)  # nothing left to retry
+        assert len(server.requests) == asked_twice
+    finally:
+        server.close()
+    asked_again = [json.loads(r[2]["messages"][1]["content"].split("[Question]\n")[1].split("\n")[0][1:])
+                   for r in server.requests[asked:]]
+    assert asked_again == [1, 2]  # only the two failed questions went to the judge again
+    records = read_jsonl(out)
+    assert records == retried.records and [r["question_id"] for r in records] == [0, 1, 2, 3]
+    assert records[1]["tuple"] == records[2]["tuple"] == [8.0, 6.0] and not any(map(is_failed, records))
+    assert records[0] == first.records[0] and records[3] == first.records[3]

@@ -7,6 +7,8 @@ import logging
 import os
 from pathlib import Path
 
+from llava_uta.io_utils import write_jsonl_atomic
+
 logger = logging.getLogger(__name__)
 
 
@@ -47,6 +49,11 @@ class AppendLog:
             f.flush()
             os.fsync(f.fileno())
         self.records.append(record)
+
+    def rewrite(self, records: list[dict]) -> None:
+        """Replace the whole file with `records`, atomically (a reader sees the old file or the new one)."""
+        write_jsonl_atomic(self.path, records)
+        self.records = list(records)
 
     def _recover(self) -> list[dict]:
         if not self.path.exists():

@@ -143,10 +143,18 @@ def review_all(
     output: str | Path,
     category_prefix: str | None = None,
     names: tuple[str, str] = ("answers 1", "answers 2"),
+    retry_failed: bool = False,
 ) -> AppendLog:
-    """Append a review for every question not yet in `output`; returns the log with all records."""
+    """Append a review for every question not yet in `output`; returns the log with all records.
+
+    With `retry_failed`, the failed reviews already in `output` are asked again: they are taken out of the file first
+    (atomically), each new review is appended as it comes, and the file is finally rewritten in question order. An
+    interruption loses nothing: a review not yet re-asked is missing, and the next run asks it.
+    """
     triples = pair_by_id(questions, answers1, answers2, names)
     log = AppendLog(output)
+    if retry_failed and any(map(is_failed, log.records)):
+        log.rewrite([r for r in log.records if not is_failed(r)])
     source = {"judge": judge.name, "rule": rules.path, "rule_sha256": rules.sha256}
     if others := {review_source(r) for r in log.records if source_key(r) != source_key(source)}:
         raise ValueError(
@@ -172,6 +180,9 @@ def review_all(
         }
         record.update(judge_one(judge, item))
         log.append(record)
+    if retry_failed:
+        order = {question["question_id"]: i for i, (question, _, _) in enumerate(triples)}
+        log.rewrite(sorted(log.records, key=lambda r: order.get(r["question_id"], len(order))))
     return log
 
 
@@ -202,6 +213,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(required with --judge http). Default for --judge shapes, which reads no prompt: llava_uta_rule.json",
     )
     parser.add_argument("--output", required=True, help="reviews .jsonl (appended; reruns resume)")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="ask the judge again for the failed reviews in --output (429s, 5xx, unparseable replies) "
+                        "and replace them in place")
     parser.add_argument(
         "--category-prefix",
         help="rule key = prefix + category (default as LLaVA: '' for a COCO context, else 'llava_bench_')",
@@ -236,6 +250,8 @@ def run(args: argparse.Namespace) -> None:
         args.output,
         args.category_prefix,
         tuple(args.answer_list),
+        args.retry_failed,
     )
     failed = sum(map(is_failed, log.records))
-    print(f"{len(log.records)} reviews in {args.output} ({failed} failed)")
+    print(f"{len(log.records)} reviews in {args.output} ({failed} failed"
+          + (", still failed after --retry-failed)" if args.retry_failed and failed else ")"))
