@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     torch.manual_seed(0)
 
-    teacher = CLIPTeacher.from_pretrained(args.teacher, precision=args.dtype).to(device)
+    teacher = CLIPTeacher.from_pretrained(args.teacher, precision=args.dtype, random_weights=True).to(device)
     images = torch.randn(args.batch_size, 3, *teacher.image_size, device=device)
     students = {name: build_uta_vit(args.model, out_dim=teacher.embed_dim,
                                     use_mask_token=OBJECTIVES[name].mask_token).to(device) for name in ("uta", "mim")}

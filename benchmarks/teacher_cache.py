@@ -113,11 +113,13 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="teacher-cache-bench-") as tmp:
         root = Path(tmp)
         teacher = teacher_name(args.teacher, root)
-        probe = CLIPTeacher.from_pretrained(teacher)  # its grid sets the student's size; the engine loads its own
+        random_weights = not teacher.startswith("local-dir:")  # a name alone: a random teacher, timing only
+        probe = CLIPTeacher.from_pretrained(teacher, random_weights=random_weights)  # its grid sets the student's size
         grid, embed_dim = probe.grid, probe.embed_dim
         del probe
         image_size = grid[0] * UTA_VIT_CONFIGS[args.model].patch_size
-        common = dict(data_path=str(args.data / "pretrain/train"), teacher=teacher, model=args.model,
+        common = dict(data_path=str(args.data / "pretrain/train"), teacher=teacher,
+                      teacher_random_weights=random_weights, model=args.model,
                       image_size=image_size, mask_ratio=args.mask_ratio, max_steps=args.num_steps,
                       batch_size=args.batch_size, micro_batch_size=args.batch_size, warmup_steps=1,
                       workers=args.workers, save_every=10**9, keep_last=1, log_every=1)

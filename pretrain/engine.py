@@ -54,6 +54,9 @@ class PretrainArguments(RunArguments):
     teacher: str = field(default="EVA01-g-14-plus", metadata={"help": "open_clip model name or local-dir:PATH"})
     teacher_pretrained: str | None = field(default=None, metadata={
         "help": "local teacher weights file, open_clip or EVA-CLIP layout (e.g. BAAI's EVA01_CLIP_g_14_plus .pt)"})
+    teacher_random_weights: bool = field(default=False, metadata={
+        "help": "a --teacher named without weights gets random weights (benchmarks only; recorded in summary.json), "
+        "instead of the error that names the missing file"})
     teacher_precision: str = field(default="fp32", metadata={"help": "fp32 | bf16 | fp16"})
     compile_teacher: bool = field(default=False, metadata={
         "help": "torch.compile the teacher's forward (its first batch of each shape compiles; pays at scale)"})
@@ -122,7 +125,7 @@ class Pretrainer(EpochLoader):
         self.out = Path(args.output_dir)
         torch.manual_seed(args.seed)  # the same initial student on every rank
 
-        clip = create_openclip(args.teacher, args.teacher_pretrained)
+        clip = create_openclip(args.teacher, args.teacher_pretrained, random_weights=args.teacher_random_weights)
         self.probe = None
         if args.eval_data:  # class weights from the teacher's text tower, built once
             self.probe = ZeroShotProbe.build(args.eval_data, clip.visual.image_size[0], self.device,

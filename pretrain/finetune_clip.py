@@ -78,6 +78,9 @@ class FinetuneArguments(RunArguments):
         "help": "open_clip model name or local-dir:PATH whose text tower is fine-tuned (e.g. the teacher); "
                 "default: the text.* of a released --init"})
     text_pretrained: str | None = field(default=None, metadata={"help": "local weights file for --text_model"})
+    text_random_weights: bool = field(default=False, metadata={
+        "help": "a --text_model named without weights gets random weights (tests and timing only; recorded in "
+        "summary.json's args)"})
     image_size: int | None = field(default=None, metadata={"help": "train the image tower at this input size"})
     logit_scale: float = field(default=100.0, metadata={"help": "fixed (not learned) logit scale, 1/T: 100 is T=0.01"})
     lock_image: bool = field(default=False, metadata={"help": "freeze the image tower (LiT-style)"})
@@ -133,7 +136,8 @@ def build_clip(args: FinetuneArguments) -> tuple[UTACLIP, Callable[[list[str]], 
         tokenizer = SimpleTokenizer(context_length=text.context_length)
     if args.text_model:
         tokenizer = openclip_tokenizer(args.text_model)
-        text = openclip_text_tower(create_openclip(args.text_model, args.text_pretrained), tokenizer, args.text_model)
+        clip = create_openclip(args.text_model, args.text_pretrained, random_weights=args.text_random_weights)
+        text = openclip_text_tower(clip, tokenizer, args.text_model)
     if text is None:
         raise ValueError(f"{args.init} is a UTA student (an image tower only): give --text_model (e.g. the teacher)")
     visual = with_drop_path(visual, args.drop_path)

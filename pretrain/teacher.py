@@ -51,10 +51,12 @@ class CLIPTeacher(nn.Module):
         return cls(clip.visual, dtype_of(precision))
 
     @classmethod
-    def from_pretrained(cls, name: str, pretrained: str | None = None, precision: str = "fp32") -> CLIPTeacher:
-        """An open_clip model by name + local weights (open_clip or EVA-CLIP layout) or 'local-dir:PATH'."""
+    def from_pretrained(cls, name: str, pretrained: str | None = None, precision: str = "fp32",
+                        random_weights: bool = False) -> CLIPTeacher:
+        """An open_clip model by name + local weights (open_clip or EVA-CLIP layout) or 'local-dir:PATH'
+        (`random_weights`: a name alone, on purpose; timing only)."""
         dtype = dtype_of(precision)  # refuse a bad flag before loading a large model
-        return cls(create_openclip(name, pretrained).visual, dtype)
+        return cls(create_openclip(name, pretrained, random_weights=random_weights).visual, dtype)
 
     def train(self, mode: bool = True) -> CLIPTeacher:
         return super().train(False)  # always frozen

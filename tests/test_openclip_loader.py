@@ -76,7 +76,7 @@ def to_eva_clip_layout(state_dict: dict[str, torch.Tensor], text_at_top: bool) -
 def test_eva_clip_layout_loads_as_the_same_model(eva_clip_configs, tmp_path, index, text_at_top):
     name = eva_clip_configs[index]
     torch.manual_seed(index)
-    original = create_openclip(name).eval()
+    original = create_openclip(name, random_weights=True).eval()
     with torch.no_grad():
         for p in original.parameters():
             p.add_(torch.randn_like(p) * 0.05)  # no init-time zeros or ones left to hide a wrong mapping
@@ -96,7 +96,8 @@ def test_eva_clip_layout_loads_as_the_same_model(eva_clip_configs, tmp_path, ind
 
 def test_eva_clip_layout_errors_name_the_problem(eva_clip_configs, tmp_path):
     torch.manual_seed(0)
-    eva_clip = to_eva_clip_layout(create_openclip(eva_clip_configs[0]).state_dict(), text_at_top=False)
+    eva_clip = to_eva_clip_layout(create_openclip(eva_clip_configs[0], random_weights=True).state_dict(),
+                                  text_at_top=False)
     torch.save(eva_clip, tmp_path / "eva_clip.pt")
     vit_cfg = {"embed_dim": 24, "text_cfg": TEXT_CFG, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32,
                                                                       "layers": 1, "head_width": 16}}
@@ -139,3 +140,17 @@ def test_hub_models_and_tags_are_refused_without_network(no_network):
     with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
         create_openclip("local-dir:/nonexistent/teacher")
     assert openclip_tokenizer("EVA01-g-14-plus")(["a photo"]).shape == (1, 77)  # the teacher's own BPE: local
+
+
+def test_a_built_in_name_without_weights_is_an_error_unless_asked_for(no_network, teacher_dir, tmp_path):
+    """A named teacher with no weights file would distil a random model with normal-looking losses."""
+    with pytest.raises(ValueError, match="without weights.*--teacher_pretrained"):
+        create_openclip("ViT-S-16")
+    with pytest.raises(ValueError, match="without weights"):
+        CLIPTeacher.from_pretrained("ViT-S-16")
+    assert CLIPTeacher.from_pretrained("ViT-S-16", random_weights=True).grid == (14, 14)  # on purpose: timing
+    from pretrain.engine import PretrainArguments, Pretrainer
+
+    args = dict(data_path=str(tmp_path), output_dir=str(tmp_path / "run"), teacher="ViT-S-16", model="uta_test_p8_32")
+    with pytest.raises(ValueError, match="without weights"):
+        Pretrainer(PretrainArguments(**args))

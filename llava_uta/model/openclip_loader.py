@@ -2,7 +2,7 @@
 
     create_openclip("local-dir:runs/teacher")                         # an open_clip folder (config + weights)
     create_openclip("EVA01-g-14-plus", "/ckpt/EVA01_CLIP_g_14_plus_psz14_s11B.pt")   # a name + a weights file
-    create_openclip("ViT-B-16")                                       # a name alone: random weights (tests, timing)
+    create_openclip("ViT-B-16", random_weights=True)                  # a name alone: random weights (timing only)
 
 A weights file is read without unpickling code (safetensors, or torch.load(weights_only=True)) and loaded strictly.
 It holds open_clip's own layout or EVA-CLIP's (BAAI's released `.pt` files): `visual.blocks.N...` for the timm
@@ -48,9 +48,12 @@ def openclip_model_config(name: str) -> dict:
     return open_clip.get_model_config(name)
 
 
-def create_openclip(name: str, weights: str | os.PathLike | None = None, load_weights: bool = True) -> nn.Module:
-    """An open_clip model: NAME [+ a local weights file, open_clip or EVA-CLIP layout] or local-dir:PATH.
+def create_openclip(name: str, weights: str | os.PathLike | None = None, load_weights: bool = True,
+                    random_weights: bool = False) -> nn.Module:
+    """An open_clip model: NAME + a local weights file (open_clip or EVA-CLIP layout), or local-dir:PATH.
 
+    A built-in NAME without a weights file is an error, because it would silently be a random model (a teacher that
+    distils noise for days with normal-looking losses); `random_weights=True` asks for that on purpose (benchmarks).
     `load_weights=False` builds the architecture only (a local-dir folder's weights are not read): random weights.
     """
     name = name.removeprefix("openclip:")
@@ -65,7 +68,12 @@ def create_openclip(name: str, weights: str | os.PathLike | None = None, load_we
     if weights is not None and not os.path.isfile(weights):
         raise FileNotFoundError(f"open_clip weights {weights}: no such file (weights are only read from local files; "
                                 f"pretrained tags would be downloaded)")
-    # local-dir: config and weights from the folder; a name: random weights
+    if weights is None and load_weights and not random_weights and not name.startswith("local-dir:"):
+        raise ValueError(f"open_clip model {name!r} is named without weights, which would give a random model: pass "
+                         "its weights file (e.g. --teacher_pretrained / --text_pretrained FILE, or NAME@FILE), or an "
+                         "open_clip folder as local-dir:PATH; random weights only on purpose "
+                         "(--teacher_random_weights, benchmarks)")
+    # local-dir: config and weights from the folder; a name: its weights file below, or random weights on request
     model = open_clip.create_model(name, load_weights=load_weights)
     if weights is not None and load_weights:
         load_openclip_weights(model, weights)
