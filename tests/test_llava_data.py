@@ -226,3 +226,42 @@ def test_chatml_labels_exactly_the_answers_and_their_im_end(chat_gguf, data_root
     expected = tokenizer(prompt + answers[1] + "<|im_end|>\n")["input_ids"]
     image = tokenizer.convert_tokens_to_ids("<image>")
     assert item["input_ids"].tolist() == [t for tok in expected for t in ([tok] * N_IMAGE if tok == image else [tok])]
+
+
+def test_the_data_check_reports_every_bad_sample_by_kind_before_training(data_root, llava_parts, tmp_path):
+    from llava_helpers import llava_args
+
+    from llava_uta.data.check import check_llava_data
+    from llava_uta.train.train import train
+
+    (data_root / "corrupt.png").write_bytes(b"not a png at all")
+    good = json.loads((data_root / "instruct.json").read_text())
+    samples = [*good[:3], *(_bad_sample(name, spec) for name, (spec, _) in sorted(BAD.items())), "not a sample"]
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(samples))
+    report = check_llava_data(path, data_root, "v1")
+    assert report.samples == len(samples) and not report.ok
+    counts = {kind: len(found) for kind, found in report.problems.items()}
+    assert counts == {"missing image": 1, "unreadable image": 1, "malformed conversation": 4, "not a JSON object": 1}
+    assert "'missing file': images/nope.png" in report.problems["missing image"][0]
+    assert "'roles order'" in " ".join(report.problems["malformed conversation"])
+    assert check_llava_data(data_root / "instruct.json", data_root, "v1").ok
+    args = llava_args({**llava_parts, "data": data_root}, tmp_path / "out", stage=2, data_path=path)
+    with pytest.raises(ValueError, match=r"(?s)bad training data.*missing image: 1.*nope\.png"):
+        train(args)
+    assert not (tmp_path / "out").exists()  # stopped before the model was even loaded
+
+
+def test_the_data_check_of_a_large_json_reads_headers_only(tmp_path):
+    """100,000 samples over 1,000 images: the check's time (stated in the report) and its verdict."""
+    from llava_uta.data.check import check_llava_data
+
+    (tmp_path / "images").mkdir()
+    for k in range(1000):
+        solid_image(tmp_path / "images" / f"{k}.png", "red", (16, 16))
+    turns = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "red."}]
+    samples = [{"id": i, "image": f"images/{i % 1000}.png", "conversations": turns} for i in range(100_000)]
+    (tmp_path / "big.json").write_text(json.dumps(samples))
+    report = check_llava_data(tmp_path / "big.json", tmp_path, "v1")
+    assert report.ok and report.samples == 100_000 and report.images == 1000
+    assert "100,000 samples, 1,000 images checked in" in report.summary()

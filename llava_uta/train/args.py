@@ -45,6 +45,9 @@ class DataArguments:
         default=True, metadata={"help": "accepted for LLaVA scripts; samples with an image are"}
     )
     skip_bad_samples: bool = field(default=False, metadata={"help": "skip and log unusable samples, not fail"})
+    check_data: bool = field(default=True, metadata={
+        "help": "before the first step, check every sample's turns and every image's header, and stop with a "
+        "report of what is wrong where (with --skip_bad_samples: report and go on)"})
 
 
 def deepspeed_config(deepspeed: str | dict | None) -> dict:

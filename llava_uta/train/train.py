@@ -28,6 +28,7 @@ from transformers import (
     set_seed,
 )
 
+from llava_uta.data.check import check_llava_data
 from llava_uta.data.llava_dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset
 from llava_uta.distributed import end_process_group, init_distributed
 from llava_uta.model.checkpoint import load_state_dict_file, save_state_dict_file
@@ -156,11 +157,26 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     return model_args, data_args, training_args
 
 
+def check_data(model_args: ModelArguments, data_args: DataArguments) -> None:
+    """The whole training JSON checked before anything loads (llava_uta.data.check): an error listing the problems,
+    or with --skip_bad_samples a warning (the bad samples are then skipped as they come)."""
+    report = check_llava_data(data_args.data_path, data_args.image_folder, model_args.version)
+    if report.ok:
+        logger.info(report.summary())
+    elif data_args.skip_bad_samples:
+        logger.warning("%s\n--skip_bad_samples: these samples will be skipped", report.summary())
+    else:
+        raise ValueError(f"bad training data (fix it, or pass --skip_bad_samples to skip it, or --check_data False "
+                         f"to find it during training):\n{report.summary()}")
+
+
 def build_trainer(
     model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
 ) -> LLaVATrainer:
     """The model, its data and the trainer of a run (seeded with --seed), ready for `trainer.train()`."""
     set_seed(training_args.seed)
+    if data_args.check_data:
+        check_data(model_args, data_args)
     if training_args.deepspeed:  # join DeepSpeed's process group before loading: ZeRO-3 partitions weights on load
         init_distributed()
     model, tokenizer, tower_processor = load_model(model_args, training_args)
