@@ -48,17 +48,20 @@ def shm_buffer_path(rank: int) -> Path:
     return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
 
 
-def end_process_group() -> None:
-    """Wait for every rank, destroy the process group, then end this rank's process (exit code 0).
+def end_process_group(status: int = 0) -> None:
+    """Wait for every rank, destroy the process group, then end this rank's process (exit code `status`).
 
     The barrier returns once every earlier collective of every rank has completed, so no rank leaves while another
     still communicates with it. The process then ends with `os._exit(0)` after flushing the standard streams and
     the logging handlers, i.e. without interpreter finalization: gloo's worker threads may still be releasing the
     last collectives' tensors (the barrier's own work object holds them and is destroyed by a worker after the
     barrier returns), and finalization is the one moment such a release aborts the process. Every output of the
-    tools is written and closed before this call. Nothing happens in a process without a group.
+    tools is written and closed before this call. Without a group, a non-zero `status` exits with it (sys.exit), and
+    status 0 does nothing.
     """
     if not (dist.is_available() and dist.is_initialized()):
+        if status:
+            sys.exit(status)
         return
     dist.barrier()
     ds_comm = sys.modules.get("deepspeed.comm")
@@ -69,4 +72,4 @@ def end_process_group() -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)

@@ -28,6 +28,7 @@ from llava_uta.io_utils import write_json_atomic
 from llava_uta.model.checkpoint import load_state_dict_file, load_strict, save_uta_vit
 from llava_uta.model.openclip_loader import create_openclip, openclip_tokenizer
 from llava_uta.model.uta_vit import UTAViT, build_uta_vit
+from llava_uta.preemption import Preempted, PreemptionSignal
 from pretrain.data import EpochSampler, MaskedViews, image_source, train_transform
 from pretrain.loop import (
     EpochLoader,
@@ -301,14 +302,10 @@ class Pretrainer(EpochLoader):
         budget = self.args.max_train_seconds
         return self.step >= self.total_steps or bool(budget and self.train_seconds >= budget)
 
-    def train(self) -> dict:
+    def run_steps(self, logger: RunLogger, progress: tqdm, preemption: PreemptionSignal) -> tuple[int, dict]:
+        """Optimizer steps until the budget is spent: logs, eval points, checkpoints every --save_every and at the
+        end; on SIGTERM / SIGUSR1 a checkpoint after the current step, then Preempted. Returns the last eval."""
         args = self.args
-        self.out.mkdir(parents=True, exist_ok=True)
-        if args.resume and self.checkpoints.folders():
-            self.load_checkpoint(self.checkpoints.folders()[-1])
-        logger = RunLogger(self.out, self.rank == 0)
-        self.student.train()
-        progress = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0, desc=args.objective)
         last_eval = -1, {}
         while not self.finished():
             epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
@@ -342,13 +339,26 @@ class Pretrainer(EpochLoader):
                     logger.log_eval(self.step, last_eval[1], train_seconds=self.train_seconds,
                                     student_tflop=self.student_flop / 1e12)
                     self.student.train()
-                if self.step % args.save_every == 0 or self.finished():
-                    self.save_checkpoint()
+                due = self.step % args.save_every == 0 or self.finished()
+                checkpoint = self.save_checkpoint() if due else None
+                if preemption.requested(self.device):
+                    raise Preempted(self.step, str(checkpoint or self.save_checkpoint()))
                 if self.finished():
                     break
-        progress.close()
+        return last_eval
+
+    def train(self) -> dict:
+        args = self.args
+        self.out.mkdir(parents=True, exist_ok=True)
+        if args.resume and self.checkpoints.folders():
+            self.load_checkpoint(self.checkpoints.folders()[-1])
+        logger = RunLogger(self.out, self.rank == 0)
+        self.student.train()
+        with PreemptionSignal() as preemption, tqdm(total=self.total_steps, initial=self.step,
+                                                    disable=self.rank != 0, desc=args.objective) as progress:
+            last_eval = self.run_steps(logger, progress, preemption)
         summary = {"steps": self.step, "args": asdict(args), "train_seconds": self.train_seconds,
-                   "student_tflop": self.student_flop / 1e12}
+                   "student_flop": self.student_flop / 1e12}
         if logger.records:
             steady = ("images_per_s", "passes_per_s", "student_tflops", "teacher_share")
             summary |= {"final_loss": logger.records[-1]["loss"], **{key: logger.steady_mean(key) for key in steady}}

@@ -58,6 +58,7 @@ from llava_uta.model.official import (
 )
 from llava_uta.model.openclip_loader import create_openclip, openclip_tokenizer
 from llava_uta.model.uta_vit import UTAViT
+from llava_uta.preemption import Preempted, exit_preempted
 from pretrain.caption_data import CaptionViews, caption_source
 from pretrain.data import EpochSampler
 from pretrain.loop import RunArguments, RunLogger, StepCheckpoints, StepTrainer, distributed_setup, fp32_state_dict
@@ -330,7 +331,10 @@ def build_parser() -> HfArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     (args,) = build_parser().parse_args_into_dataclasses(args=argv)
     trainer = CLIPFinetuner(args)
-    summary = trainer.train()
+    try:
+        summary = trainer.train()
+    except Preempted as err:
+        exit_preempted(err)
     if trainer.rank == 0:
         print({k: v for k, v in summary.items() if k != "args"})
     end_process_group()

@@ -50,6 +50,7 @@ from llava_uta.model.checkpoint import load_state_dict_file, load_strict, resize
 from llava_uta.model.convert import load_any_uta_vit
 from llava_uta.model.timm_models import GLOBAL_POOLS, TimmUTAViT
 from llava_uta.model.uta_vit import UTA_VIT_CONFIGS
+from llava_uta.preemption import Preempted, exit_preempted
 from pretrain.data import EpochSampler, sample_seed, seeded_rngs, seeded_view
 from pretrain.loop import RunArguments, RunLogger, StepCheckpoints, StepTrainer, distributed_setup, fp32_state_dict
 
@@ -329,7 +330,10 @@ def build_parser() -> HfArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     (args,) = build_parser().parse_args_into_dataclasses(args=argv)
     trainer = ClassificationFinetuner(args)
-    summary = trainer.train()
+    try:
+        summary = trainer.train()
+    except Preempted as err:
+        exit_preempted(err)
     if trainer.rank == 0:
         print({k: v for k, v in summary.items() if k != "args"})
     end_process_group()

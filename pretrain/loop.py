@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from llava_uta.distributed import init_distributed
 from llava_uta.io_utils import partial_dir, replace_dir
+from llava_uta.preemption import Preempted, PreemptionSignal
 
 
 @dataclass(kw_only=True)
@@ -250,9 +251,13 @@ class StepTrainer(EpochLoader):
 
     def run_steps(self, logger: RunLogger, desc: str, evaluate: Callable[[], dict] | None) -> None:
         """Optimizer steps up to `total_steps`: log each, `evaluate` every `eval_every`, checkpoint every
-        `save_every` and at the end."""
+        `save_every` and at the end; on SIGTERM / SIGUSR1, checkpoint after the current step and raise Preempted."""
+        with PreemptionSignal() as preemption, tqdm(total=self.total_steps, initial=self.step,
+                                                    disable=self.rank != 0, desc=desc) as progress:
+            self._steps(logger, evaluate, progress, preemption)
+
+    def _steps(self, logger: RunLogger, evaluate, progress: tqdm, preemption: PreemptionSignal) -> None:
         args = self.args
-        progress = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0, desc=desc)
         while self.step < self.total_steps:
             epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
             batches = iter(self.loader(epoch, step_in_epoch * self.accum * args.micro_batch_size))
@@ -270,8 +275,9 @@ class StepTrainer(EpochLoader):
                             "images_per_s": args.batch_size / seconds, "seconds": seconds}, every=args.log_every)
                 if evaluate is not None and args.eval_every and self.step % args.eval_every == 0:
                     logger.log_eval(self.step, evaluate())
-                if self.step % args.save_every == 0 or self.step == self.total_steps:
-                    self.save_checkpoint()
+                due = self.step % args.save_every == 0 or self.step == self.total_steps
+                checkpoint = self.save_checkpoint() if due else None
+                if preemption.requested(self.device):
+                    raise Preempted(self.step, str(checkpoint or self.save_checkpoint()))
                 if self.step == self.total_steps:
                     break
-        progress.close()

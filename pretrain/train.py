@@ -12,6 +12,7 @@ import json
 from transformers import HfArgumentParser
 
 from llava_uta.distributed import end_process_group
+from llava_uta.preemption import Preempted, exit_preempted
 from pretrain.engine import PretrainArguments, Pretrainer
 
 
@@ -22,7 +23,10 @@ def build_parser() -> HfArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     (args,) = build_parser().parse_args_into_dataclasses(args=argv)
     trainer = Pretrainer(args)
-    summary = trainer.train()
+    try:
+        summary = trainer.train()
+    except Preempted as err:
+        exit_preempted(err)
     if trainer.rank == 0:
         shown = {k: v for k, v in summary.items() if k != "args"}
         print(json.dumps(shown, indent=2))

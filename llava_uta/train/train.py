@@ -25,6 +25,7 @@ from transformers import (
     AutoProcessor,
     HfArgumentParser,
     LlavaForConditionalGeneration,
+    TrainerCallback,
     set_seed,
 )
 
@@ -37,6 +38,7 @@ from llava_uta.model.llava_builder import NON_LORA_FILE, build_llava
 from llava_uta.model.merge_llava import LLAVA_MODEL_TYPES
 from llava_uta.model.processors import make_processor
 from llava_uta.model.projector import load_llava_projector, projector_to_llava, trainable_projector_parameters
+from llava_uta.preemption import Preempted, PreemptionSignal, exit_preempted
 from llava_uta.train.args import DataArguments, ModelArguments, TrainingArguments
 from llava_uta.train.trainer import LLaVATrainer, base_llava, non_lora_state
 
@@ -136,14 +138,30 @@ def save_outputs(
             model.config.save_pretrained(out)
 
 
-def resume_point(training_args: TrainingArguments) -> str | bool | None:
-    """--resume_from_checkpoint, else True when the output folder already holds checkpoint-N folders."""
+def resume_point(training_args: TrainingArguments) -> str | None:
+    """--resume_from_checkpoint, else the newest complete checkpoint-N of the output folder (the Trainer writes
+    trainer_state.json last: a folder without it was cut off mid-save)."""
     if training_args.resume_from_checkpoint:
         return training_args.resume_from_checkpoint
-    if any(Path(training_args.output_dir).glob("checkpoint-*")):
-        logger.warning("resuming from the newest checkpoint in %s", training_args.output_dir)
-        return True
-    return None
+    complete = [p for p in Path(training_args.output_dir).glob("checkpoint-*")
+                if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    if not complete:
+        return None
+    newest = max(complete, key=lambda p: int(p.name.split("-")[-1]))
+    logger.warning("resuming from %s", newest)
+    return str(newest)
+
+
+class PreemptionCallback(TrainerCallback):
+    """On SIGTERM / SIGUSR1 (noted by `preemption`): save a checkpoint-N after the current step and stop training."""
+
+    def __init__(self, preemption: PreemptionSignal):
+        self.preemption, self.stopped = preemption, False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.preemption.requested(args.device):
+            control.should_save = control.should_training_stop = self.stopped = True
+        return control
 
 
 def build_parser() -> HfArgumentParser:
@@ -203,9 +221,16 @@ def build_trainer(
 
 
 def train(argv: list[str] | None = None) -> LLaVATrainer:
+    """A whole run; Preempted (after its checkpoint-N) when a signal stopped it (llava_uta.preemption)."""
     model_args, data_args, training_args = parse_args(argv)
     trainer = build_trainer(model_args, data_args, training_args)
-    trainer.train(resume_from_checkpoint=resume_point(training_args))
+    with PreemptionSignal() as preemption:
+        stop = PreemptionCallback(preemption)
+        trainer.add_callback(stop)
+        trainer.train(resume_from_checkpoint=resume_point(training_args))
+    if stop.stopped:
+        step = trainer.state.global_step
+        raise Preempted(step, str(Path(training_args.output_dir) / f"checkpoint-{step}"))
     trainer.save_state()
     save_outputs(trainer, model_args, data_args, training_args)
     return trainer
@@ -213,7 +238,10 @@ def train(argv: list[str] | None = None) -> LLaVATrainer:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    train(argv)
+    try:
+        train(argv)
+    except Preempted as err:
+        exit_preempted(err)
     end_process_group()
 
 
