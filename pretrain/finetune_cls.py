@@ -47,7 +47,7 @@ from llava_uta.data.image_folder import checked_image_folder
 from llava_uta.distributed import end_process_group
 from llava_uta.io_utils import write_json_atomic
 from llava_uta.model.checkpoint import load_state_dict_file, load_strict, resize_uta_vit, save_uta_vit
-from llava_uta.model.convert import load_any_uta_vit
+from llava_uta.model.official import load_any_uta_vit
 from llava_uta.model.timm_models import GLOBAL_POOLS, TimmUTAViT
 from llava_uta.model.uta_vit import UTA_VIT_CONFIGS
 from llava_uta.preemption import Preempted, exit_preempted

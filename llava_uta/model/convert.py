@@ -26,22 +26,15 @@ from pathlib import Path
 import torch
 
 from llava_uta.model.blind_tower import blind_tower
-from llava_uta.model.checkpoint import load_uta_vit, save_state_dict_file, student_config_path
+from llava_uta.model.checkpoint import save_state_dict_file
 from llava_uta.model.hf_vision import UTAVisionModel
 from llava_uta.model.language_model import gguf_to_hf, shipped_lm_file
-from llava_uta.model.official import export_official, load_official_visual
+from llava_uta.model.official import export_official, load_any_uta_vit
 from llava_uta.model.openclip_loader import create_openclip
 from llava_uta.model.openclip_tower import convert_open_clip
 from llava_uta.model.processors import clip_image_processor
 from llava_uta.model.symbolic_tower import symbolic_tower
 from llava_uta.model.uta_vit import UTA_VIT_CONFIGS, UTAViT, build_uta_vit
-
-
-def load_any_uta_vit(path: str | os.PathLike, kind: str = "auto", image_size: int | None = None) -> UTAViT:
-    """A student checkpoint (PATH.json beside it) or a released checkpoint's vision tower, at image_size if given."""
-    if kind == "auto":
-        kind = "student" if student_config_path(path).is_file() else "official"
-    return load_uta_vit(path, image_size) if kind == "student" else load_official_visual(path, image_size)
 
 
 def save_tower(vit: UTAViT, out_dir: str | os.PathLike) -> Path:

@@ -26,9 +26,11 @@ from llava_uta.model.checkpoint import (
     CheckpointError,
     load_state_dict_file,
     load_strict,
+    load_uta_vit,
     resize_uta_vit,
     safetensors_metadata,
     save_state_dict_file,
+    student_config_path,
 )
 from llava_uta.model.uta_vit import UTAViT, UTAViTConfig
 
@@ -233,3 +235,10 @@ def openclip_text_tower(clip: nn.Module, tokenizer: Callable[[list[str]], Tensor
         raise CheckpointError(f"{source}: its text tower is not the plain GELU open_clip TextTransformer that the "
                               "released layout holds (QuickGELU, a Hugging Face text model or other pooling?)")
     return text
+
+
+def load_any_uta_vit(path: str | os.PathLike, kind: str = "auto", img_size: int | None = None) -> UTAViT:
+    """A student checkpoint (PATH.json beside it) or a released checkpoint's vision tower, at img_size if given."""
+    if kind == "auto":
+        kind = "student" if student_config_path(path).is_file() else "official"
+    return load_uta_vit(path, img_size) if kind == "student" else load_official_visual(path, img_size)

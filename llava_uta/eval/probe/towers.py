@@ -33,8 +33,7 @@ from torch import Tensor, nn
 
 from llava_uta.eval.zeroshot_data import clip_eval_transform
 from llava_uta.model.checkpoint import load_uta_vit_config, student_config_path
-from llava_uta.model.convert import load_any_uta_vit
-from llava_uta.model.official import load_official_visual
+from llava_uta.model.official import load_any_uta_vit, load_official_visual
 from llava_uta.model.openclip_loader import create_openclip, openclip_model_config
 from llava_uta.model.uta_vit import UTAViT, UTAViTConfig
 
