@@ -106,32 +106,3 @@ def test_stages_1_and_2_and_chat_on_a_chatml_gguf_lm_with_merged_tokens(llava_pa
         assert isinstance(answer, str) and "<|im_end|>" not in answer
     assert load_pretrained_model(tmp_path / "stage2", device="cpu").conv_mode == "chatml"
     assert load_pretrained_model(tmp_path / "stage1", chat_gguf, device="cpu").conv_mode == "plain"
-
-
-def test_learned_positions_tell_the_image_tokens_apart_and_round_trip(llava_parts, tmp_path):
-    from llava_uta.model.projector import trainable_projector_parameters
-
-    tokenizer = AutoTokenizer.from_pretrained(llava_parts["lm"])
-    torch.manual_seed(0)
-    model = build_llava(tiny_llama_config(tokenizer), tiny_tower_config(), tokenizer, "pixel_shuffle2_mlp2x_gelu",
-                        position_embedding=True).eval()
-    projector = model.model.multi_modal_projector
-    assert projector.position.shape == (4, 64) and not projector.position.any()  # zero: no effect at the start
-    assert any(p is projector.position for p in trainable_projector_parameters(projector, "pixel_shuffle2_mlp2x_gelu"))
-    features = torch.randn(1, 16, 32)
-    with torch.no_grad():
-        plain = projector(features)
-        projector.position.copy_(torch.randn(4, 64))
-        torch.testing.assert_close(projector(features), plain + projector.position)
-    state = projector_to_llava(projector, "pixel_shuffle2_mlp2x_gelu")
-    assert tuple(state["model.mm_projector.position"].shape) == (4, 64)
-    model.save_pretrained(tmp_path / "llava")
-    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "llava").model.multi_modal_projector
-    assert torch.equal(reloaded.position, projector.position)
-    stage1_without = {k: v for k, v in state.items() if not k.endswith("position")}  # a stage 1 trained without
-    fresh = build_llava(tiny_llama_config(tokenizer), tiny_tower_config(), tokenizer, "pixel_shuffle2_mlp2x_gelu",
-                        position_embedding=True).model.multi_modal_projector
-    load_llava_projector(fresh, stage1_without, "pixel_shuffle2_mlp2x_gelu")
-    assert torch.equal(fresh.linear_1.weight, projector.linear_1.weight) and not fresh.position.any()
-    with pytest.raises(ValueError, match="needs a pixel_shuffleF"):
-        build_llava(tiny_llama_config(tokenizer), tiny_tower_config(), tokenizer, "mlp2x_gelu", position_embedding=True)

@@ -35,7 +35,6 @@ from llava_uta.model import language_model
 from llava_uta.model.checkpoint import load_state_dict_file
 from llava_uta.model.merge_llava import LlavaMergeConfig, LlavaMergeForConditionalGeneration
 from llava_uta.model.projector import (
-    MERGE_PROJECTOR,
     TokenMergeProjector,
     gathered,
     init_linear_projector,
@@ -109,25 +108,19 @@ def build_llava(
     select_layer: int = -2,
     select_feature: str = "patch",
     dtype: torch.dtype | None = None,
-    position_embedding: bool = False,
 ) -> LlavaForConditionalGeneration:
-    """A Llava model around the given LM and tower, with a freshly initialised projector (`position_embedding`: a
-    learned vector per image token, with a pixel_shuffleF projector)."""
+    """A Llava model around the given LM and tower, with a freshly initialised projector."""
     factor = merge_factor(projector_type)
-    merging = MERGE_PROJECTOR.fullmatch(projector_type) is not None
-    if position_embedding and not merging:
-        raise ValueError(f"mm_position_embedding needs a pixel_shuffleF_mlp2x_gelu projector (F = 1 merges nothing), "
-                         f"not {projector_type}")
     if select_feature not in SELECT_FEATURES:
         raise ValueError(f"mm_vision_select_feature must be one of {sorted(SELECT_FEATURES)}, got {select_feature!r}")
-    if merging and select_feature != "patch":
+    if factor > 1 and select_feature != "patch":
         raise ValueError(f"{projector_type} merges patch tokens: it needs mm_vision_select_feature patch (no CLS)")
     lm = load_language_model(language_model, dtype)
     tower = load_vision_tower(vision_tower).requires_grad_(False).eval().to(lm.dtype)  # frozen, no drop-path
     image_token_id = add_image_token(tokenizer)
     resize_embeddings(lm, len(tokenizer))
     strategy = SELECT_FEATURES[select_feature]
-    config_class, model_class = (LlavaMergeConfig, LlavaMergeForConditionalGeneration) if merging else \
+    config_class, model_class = (LlavaMergeConfig, LlavaMergeForConditionalGeneration) if factor > 1 else \
         (LlavaConfig, LlavaForConditionalGeneration)
     config = config_class(
         vision_config=tower.config,
@@ -140,7 +133,6 @@ def build_llava(
         tie_word_embeddings=lm.config.tie_word_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         mm_projector_type=projector_type,
-        mm_position_embedding=position_embedding,
         mm_vision_tower=_path_or_none(vision_tower),  # where a LoRA merge finds the base parts again
         mm_language_model=_path_or_none(language_model),
     )
@@ -151,7 +143,7 @@ def build_llava(
     model.model.vision_tower = tower
     model.model.language_model = getattr(lm, lm.base_model_prefix)
     model.lm_head = lm.get_output_embeddings()
-    projector = TokenMergeProjector(config) if merging else LlavaMultiModalProjector(config)
+    projector = TokenMergeProjector(config) if factor > 1 else LlavaMultiModalProjector(config)
     model.model.multi_modal_projector = projector.to(lm.dtype)
     if projector_type == "linear":
         init_linear_projector(projector)
@@ -189,7 +181,7 @@ def rebuild_llava(
     model_base, vision_tower = recorded_parts(config, model_base, vision_tower)
     select_feature = {v: k for k, v in SELECT_FEATURES.items()}[config.vision_feature_select_strategy]
     return build_llava(model_base, vision_tower, tokenizer, config.mm_projector_type, config.vision_feature_layer,
-                       select_feature, dtype, getattr(config, "mm_position_embedding", False))
+                       select_feature, dtype)
 
 
 NON_LORA_FILE = "non_lora_trainables.safetensors"  # a LoRA run's projector (and unfrozen tower), beside the adapter

@@ -57,8 +57,7 @@ def merge_factor(projector_type: str) -> int:
 
 
 def projector_activation(projector_type: str) -> str:
-    return "gelu" if MERGE_PROJECTOR.fullmatch(check_projector_type(projector_type)) else \
-        PROJECTOR_ACTIVATIONS[projector_type]
+    return "gelu" if merge_factor(projector_type) > 1 else PROJECTOR_ACTIVATIONS[projector_type]
 
 
 def pixel_shuffle(tokens: torch.Tensor, factor: int) -> torch.Tensor:
@@ -77,8 +76,6 @@ class TokenMergeProjector(nn.Module):
     """pixel_shuffleF_mlp2x_gelu: F x F neighbouring patch tokens concatenated, then LLaVA-1.5's two-layer MLP.
 
     `config` is the Llava config: vision_config.hidden_size in, text_config.hidden_size out, `mm_projector_type`.
-    With `mm_position_embedding`, a learned vector per image token (zero at the start) is added to the output, so that
-    the LLM can tell the image tokens apart by place, as it tells words apart by what they are.
     """
 
     def __init__(self, config):
@@ -88,12 +85,9 @@ class TokenMergeProjector(nn.Module):
         self.linear_1 = nn.Linear(width, out, bias=config.multimodal_projector_bias)
         self.act = ACT2FN[config.projector_hidden_act]
         self.linear_2 = nn.Linear(out, out, bias=config.multimodal_projector_bias)
-        if getattr(config, "mm_position_embedding", False):
-            self.position = nn.Parameter(torch.zeros(config.image_seq_length, out))
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
-        out = self.linear_2(self.act(self.linear_1(pixel_shuffle(image_features, self.factor))))
-        return out + self.position if hasattr(self, "position") else out
+        return self.linear_2(self.act(self.linear_1(pixel_shuffle(image_features, self.factor))))
 
 
 def init_linear_projector(projector: nn.Module) -> None:
@@ -107,15 +101,14 @@ def init_linear_projector(projector: nn.Module) -> None:
 def trainable_projector_parameters(projector: nn.Module, projector_type: str) -> list[nn.Parameter]:
     """The projector weights a training run updates (linear_2 stays the identity for `linear`)."""
     layers = [projector.linear_1] if projector_type == "linear" else [projector.linear_1, projector.linear_2]
-    position = [projector.position] if hasattr(projector, "position") else []
-    return [p for layer in layers for p in layer.parameters()] + position
+    return [p for layer in layers for p in layer.parameters()]
 
 
 def projector_to_llava(projector: nn.Module, projector_type: str) -> dict[str, torch.Tensor]:
     """The projector under LLaVA's key names (e.g. model.mm_projector.0.weight), on the CPU in float32."""
     with gathered(projector.parameters()):
         params = {k: v.detach().float().cpu().clone() for k, v in projector.state_dict().items()}
-    if projector_type != "linear":  # mlp2x_gelu's 0 / 2 (and a merging projector's learned `position`)
+    if projector_type != "linear":
         return {LLAVA_PREFIX + k.replace("linear_1.", "0.").replace("linear_2.", "2."): v for k, v in params.items()}
     w1, w2 = params["linear_1.weight"], params["linear_2.weight"]
     state = {LLAVA_PREFIX + "weight": w2 @ w1}
@@ -125,20 +118,14 @@ def projector_to_llava(projector: nn.Module, projector_type: str) -> dict[str, t
 
 
 def load_llava_projector(projector: nn.Module, state: dict[str, torch.Tensor], projector_type: str) -> None:
-    """Load LLaVA `mm_projector` weights (keys may carry any prefix before `mm_projector.`) into the projector.
-
-    A projector with learned positions takes a file without them (a stage 1 trained without): they stay as they are.
-    """
+    """Load LLaVA `mm_projector` weights (keys may carry any prefix before `mm_projector.`) into the projector."""
     weights = {k.split("mm_projector.", 1)[1]: v for k, v in state.items() if "mm_projector." in k}
     if projector_type != "linear":
         layer = {"0": "linear_1", "2": "linear_2"}
         ours = {layer.get(k.split(".")[0], "?") + k[k.index(".") :]: v for k, v in weights.items() if "." in k}
-        ours |= {k: v for k, v in weights.items() if k == "position"}
     else:
         ours = {"linear_1." + k: v for k, v in weights.items()}
     expected = {k for k in projector.state_dict() if projector_type != "linear" or k.startswith("linear_1.")}
-    if "position" not in ours:
-        expected.discard("position")
     if set(ours) != expected:
         found = sorted(weights) or sorted(state)[:8]
         raise ValueError(f"not a {projector_type} mm_projector: found keys {found}, expected {sorted(expected)}")

@@ -25,8 +25,6 @@ class ModelArguments:
     mm_projector_type: str = field(
         default="linear", metadata={"help": "linear, mlp2x_gelu, or pixel_shuffleF_mlp2x_gelu (F x F tokens merged)"}
     )
-    mm_position_embedding: bool = field(default=False, metadata={
-        "help": "a learned vector per image token added by the projector (pixel_shuffleF_mlp2x_gelu projectors)"})
     mm_vision_select_layer: int = field(default=-2, metadata={"help": "tower hidden state fed to the projector"})
     mm_vision_select_feature: str = field(default="patch", metadata={"help": "patch (drop CLS) or cls_patch"})
     pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "stage-1 mm_projector.bin"})

@@ -65,7 +65,6 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments):
         model_args.mm_vision_select_layer,
         model_args.mm_vision_select_feature,
         dtype,
-        model_args.mm_position_embedding,
     )
     return model, tokenizer, AutoImageProcessor.from_pretrained(model_args.vision_tower)
 
