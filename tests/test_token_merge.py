@@ -36,8 +36,9 @@ def test_each_merged_token_is_its_block_of_neighbouring_patches_in_reading_order
     with pytest.raises(ValueError, match="divisible by 3"):
         pixel_shuffle(patches, 3)
     assert merge_factor("pixel_shuffle4_mlp2x_gelu") == 4 and merge_factor("mlp2x_gelu") == 1
-    with pytest.raises(ValueError, match="pixel_shuffleF_mlp2x_gelu"):
-        merge_factor("pixel_shuffle_mlp")
+    for bad in ("pixel_shuffle_mlp", "pixel_shuffle1_mlp2x_gelu"):  # F = 1 merges nothing: that is mlp2x_gelu
+        with pytest.raises(ValueError, match="pixel_shuffleF_mlp2x_gelu"):
+            merge_factor(bad)
 
 
 @pytest.fixture(scope="module")

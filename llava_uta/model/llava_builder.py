@@ -35,6 +35,7 @@ from llava_uta.model import language_model
 from llava_uta.model.checkpoint import load_state_dict_file
 from llava_uta.model.merge_llava import LlavaMergeConfig, LlavaMergeForConditionalGeneration
 from llava_uta.model.projector import (
+    MERGE_PROJECTOR,
     TokenMergeProjector,
     gathered,
     init_linear_projector,
@@ -111,16 +112,17 @@ def build_llava(
 ) -> LlavaForConditionalGeneration:
     """A Llava model around the given LM and tower, with a freshly initialised projector."""
     factor = merge_factor(projector_type)
+    merging = MERGE_PROJECTOR.fullmatch(projector_type) is not None
     if select_feature not in SELECT_FEATURES:
         raise ValueError(f"mm_vision_select_feature must be one of {sorted(SELECT_FEATURES)}, got {select_feature!r}")
-    if factor > 1 and select_feature != "patch":
+    if merging and select_feature != "patch":
         raise ValueError(f"{projector_type} merges patch tokens: it needs mm_vision_select_feature patch (no CLS)")
     lm = load_language_model(language_model, dtype)
     tower = load_vision_tower(vision_tower).requires_grad_(False).eval().to(lm.dtype)  # frozen, no drop-path
     image_token_id = add_image_token(tokenizer)
     resize_embeddings(lm, len(tokenizer))
     strategy = SELECT_FEATURES[select_feature]
-    config_class, model_class = (LlavaMergeConfig, LlavaMergeForConditionalGeneration) if factor > 1 else \
+    config_class, model_class = (LlavaMergeConfig, LlavaMergeForConditionalGeneration) if merging else \
         (LlavaConfig, LlavaForConditionalGeneration)
     config = config_class(
         vision_config=tower.config,
@@ -143,7 +145,7 @@ def build_llava(
     model.model.vision_tower = tower
     model.model.language_model = getattr(lm, lm.base_model_prefix)
     model.lm_head = lm.get_output_embeddings()
-    projector = TokenMergeProjector(config) if factor > 1 else LlavaMultiModalProjector(config)
+    projector = TokenMergeProjector(config) if merging else LlavaMultiModalProjector(config)
     model.model.multi_modal_projector = projector.to(lm.dtype)
     if projector_type == "linear":
         init_linear_projector(projector)

@@ -25,7 +25,7 @@ from transformers.activations import ACT2FN
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 PROJECTOR_ACTIVATIONS = {"linear": "linear", "mlp2x_gelu": "gelu"}
-MERGE_PROJECTOR = re.compile(r"pixel_shuffle([1-9][0-9]*)_mlp2x_gelu")
+MERGE_PROJECTOR = re.compile(r"pixel_shuffle([2-9]|[1-9][0-9]+)_mlp2x_gelu")  # F >= 2 (F = 1 is mlp2x_gelu)
 LLAVA_PREFIX = "model.mm_projector."
 
 
@@ -57,7 +57,8 @@ def merge_factor(projector_type: str) -> int:
 
 
 def projector_activation(projector_type: str) -> str:
-    return "gelu" if merge_factor(projector_type) > 1 else PROJECTOR_ACTIVATIONS[projector_type]
+    return "gelu" if MERGE_PROJECTOR.fullmatch(check_projector_type(projector_type)) else \
+        PROJECTOR_ACTIVATIONS[projector_type]
 
 
 def pixel_shuffle(tokens: torch.Tensor, factor: int) -> torch.Tensor:
