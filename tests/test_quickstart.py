@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def quickstart(root: Path, *flags: str) -> str:
-    command = [sys.executable, "-m", "llava_uta.quickstart", "--fast", "--compare", "--data", str(root / "data"),
-               "--runs", str(root / "runs"), *flags]
+    command = [sys.executable, "-m", "llava_uta.quickstart", "--fast", "--compare", "--ladder",
+               "--data", str(root / "data"), "--runs", str(root / "runs"), *flags]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -65,6 +65,25 @@ def test_every_artifact_exists(run):
     missing = [str(p) for p in expected if not p.is_file()]
     assert not missing
     assert all(p.stat().st_size > 5_000 for p in paths.plots.glob("*.png"))
+
+
+@pytest.mark.slow
+def test_the_ladder_asks_the_same_questions_three_ways(run):
+    """(a) stage 2 on the scenes in words, asked in words; (b) the symbolic tower's LLaVA on the symbolic world's
+    images; (c) the UTA run; and the probe of the merged tokens."""
+    paths, _ = run
+    questions = read_jsonl(paths.data / "eval" / "grounding" / "questions.jsonl")
+    short = [q for q in questions if q["kind"] != "detail"]
+    words, symbolic, uta = (json.loads(paths.grounding(k).read_text()) for k in ("words", "symbolic", "uta"))
+    assert len(read_jsonl(paths.grounding_answers("words"))) == len(short) and "detail" not in words
+    assert len(read_jsonl(paths.grounding_answers("symbolic"))) == len(questions)
+    assert {k: v["n"] for k, v in symbolic["kinds"].items()} == {k: v["n"] for k, v in uta["kinds"].items()}
+    assert json.loads((paths.symbolic_data / "manifest.json").read_text())["symbolic_code"]["code_side"] == 4
+    assert json.loads((paths.llava("symbolic", 2) / "config.json").read_text())["image_seq_length"] == 4
+    probe = json.loads(paths.probe("merged").read_text())
+    assert probe["merge"] == 4 and {t["label"] for t in probe["towers"]} == {"uta", "random init (uta)"}
+    text = paths.results.read_text()
+    assert "## The shape ladder" in text and "| (b) symbolic tokens, one per cell |" in text
 
 
 @pytest.mark.slow

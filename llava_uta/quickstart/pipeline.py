@@ -40,7 +40,8 @@ EQUAL_WALL_CLOCK = ("mim", "fd", "cls")
 # LLaVA's vision towers. "blind" is the UTA tower with its patch embedding zeroed: the same recipe, no image;
 # "random" the student's architecture at its seeded initialisation (the probes' random-init twin): no pre-training.
 TOWERS = {"uta": "UTA student", "teacher": "teacher CLIP", "blind": "blind (image withheld)",
-          "random": "random-init UTA ViT", "symbolic": "symbolic (each cell's facts, no pixels)"}
+          "random": "random-init UTA ViT"}
+SYMBOLIC = "symbolic (each cell's facts, no pixels)"  # the shape ladder's diagnostic tower (--ladder)
 PROBED = ("uta", "mim", "fd", "cls")  # students whose frozen features the probes read, beside the teacher's
 
 
@@ -382,7 +383,7 @@ class Pipeline:
     # ---- LLaVA with a tower, and its LLaVA-Bench
 
     def llava_stages(self, tower: str) -> list[Stage]:
-        name, p = TOWERS[tower], self.paths
+        name, p = TOWERS.get(tower, SYMBOLIC), self.paths
         return [
             Stage(f"stage1-{tower}", f"LLaVA stage 1, {name} tower", "llava-uta-train",
                   lambda: self.llava_argv(tower, 1), p.llava(tower, 1) / "mm_projector.bin"),

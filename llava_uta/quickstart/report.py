@@ -160,7 +160,7 @@ def write_report(paths: Layout, state: dict, profile_name: str) -> str:
         plot(results, paths.plots / "bench.png")
         sections += ["", "## LLaVA-Bench (ShapesWorld, offline judge), relative score (%)", "",
                      comparison_table(results)]
-    grounding = {f"{TOWERS[t]} tower": _read_json(paths.grounding(t)) for t in TOWERS if t != "symbolic"}
+    grounding = {f"{TOWERS[t]} tower": _read_json(paths.grounding(t)) for t in TOWERS}
     grounding[f"{lm_title} alone, the scene in words (no image)"] = _read_json(paths.lm_in_words)
     grounding = {name: result for name, result in grounding.items() if result}
     if grounding:
