@@ -25,13 +25,14 @@ kept by EVA-02 at 16x16. A smaller grid keeps the same share of the patches, rou
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from llava_uta.argparsing import ArgumentParser
 
 MASKING_KINDS = ("random", "block", "reversed_block", "block_or_complement", "reversed_block_rolled")
 MASK_PAIRINGS = ("independent", "complement")  # how the M keep sets of one view relate (--mask_pairing)
@@ -195,7 +196,7 @@ def render_masks(generator: KeepIndexGenerator, out: Path, samples: int = 8, dra
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="uta-masks", description="Render sample keep masks and the keep heatmap.")
+    parser = ArgumentParser(prog="uta-masks", description="Render sample keep masks and the keep heatmap.")
     parser.add_argument("--grid", type=int, default=16, help="patch grid side (224 px / patch 14 = 16)")
     parser.add_argument("--mask-ratio", type=float, default=0.5)
     parser.add_argument("--kind", choices=MASKING_KINDS, default="reversed_block")

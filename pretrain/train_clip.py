@@ -27,6 +27,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from llava_uta.argparsing import ArgumentParser
 from llava_uta.io_utils import atomic_dir, write_jsonl_atomic
 from pretrain.caption_data import read_captions
 
@@ -132,7 +133,7 @@ def train(train_csv: Path, out: Path, model_cfg: dict, steps: int, batch_size: i
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llava-uta-train-clip", description=__doc__,
+    parser = ArgumentParser(prog="llava-uta-train-clip", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-csv", type=Path, required=True, help="CSV with filepath,title columns")
     parser.add_argument("--out", type=Path, required=True, help="output open_clip local-dir folder")

@@ -24,7 +24,7 @@ PACKAGES = ("llava_uta", "pretrain")
 LAYERS = (
     ("base: plain helpers", {"base": (
         "llava_uta", "llava_uta.constants", "llava_uta.conversation", "llava_uta.io_utils", "llava_uta.distributed",
-        "llava_uta.preemption")}),
+        "llava_uta.preemption", "llava_uta.argparsing")}),
     ("model layer | data", {"model": ("llava_uta.model.**",), "data": ("llava_uta.data.**",)}),
     ("zero-shot evaluation of vision models", {"zero-shot": (
         "llava_uta.eval", "llava_uta.eval.zeroshot", "llava_uta.eval.zeroshot_data", "llava_uta.eval.clip_models")}),

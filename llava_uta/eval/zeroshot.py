@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from llava_uta.argparsing import ArgumentParser
 from llava_uta.eval.clip_models import ZeroShotModel, load_zeroshot_model
 from llava_uta.eval.zeroshot_data import CaptionedImages, class_folder, clip_eval_transform, load_json_list
 from llava_uta.io_utils import write_json_atomic
@@ -185,7 +186,7 @@ def zero_shot_retrieval(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="'uta' or 'openclip:NAME'")
     p.add_argument("--checkpoint", help="released UTA checkpoint, UTA student .safetensors, or open_clip weights")
     p.add_argument("--text-model", help="openclip:NAME whose text tower and tokenizer pair with a UTA student")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from llava_uta.argparsing import ArgumentParser
 from llava_uta.model.blind_tower import blind_tower
 from llava_uta.model.checkpoint import save_state_dict_file
 from llava_uta.model.hf_vision import UTAVisionModel
@@ -70,7 +71,7 @@ def export_to_official(checkpoint: str | os.PathLike, out_file: str | os.PathLik
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", nargs="?",
                         help="released UTA checkpoint, or student .safetensors with its .json")
     parser.add_argument("out", help="tower folder to write (--to hf), or a .safetensors file (--to official)")

@@ -17,6 +17,7 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
+from llava_uta.argparsing import ArgumentParser
 from llava_uta.quickstart.pipeline import Layout, Pipeline, RunState, run_stages
 from llava_uta.quickstart.profiles import LANGUAGE_MODELS, Profile, get_profile
 from llava_uta.quickstart.report import write_report
@@ -25,7 +26,7 @@ BUDGETS = [f.name for f in fields(Profile) if f.type == "int"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="llava-uta-quickstart", description=__doc__,
+    parser = ArgumentParser(prog="llava-uta-quickstart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fast", action="store_true", help="the small profile used by the tests")
     parser.add_argument("--compare", action="store_true", help="also run the baselines and ablations")

@@ -33,6 +33,7 @@ import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from llava_uta.argparsing import ArgumentParser
 from llava_uta.io_utils import save_figure_atomic, write_json_atomic, write_text_atomic
 from llava_uta.quickstart.pipeline import GRID, STUDENTS, FolderState, Layout, Stage, pretrain_argv, run_stages
 from llava_uta.quickstart.profiles import RECIPE
@@ -217,7 +218,7 @@ def write_report(study: Path, profile_name: str, profile: StudyProfile, result: 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="llava-uta-study", description=__doc__,
+    parser = ArgumentParser(prog="llava-uta-study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="default")
     parser.add_argument("--data", type=Path, default=Path("playground/data/shapes"), help="the quickstart's world")

@@ -12,12 +12,13 @@ import argparse
 
 from PIL import Image
 
+from llava_uta.argparsing import ArgumentParser
 from llava_uta.serve.chat import ChatSession
 from llava_uta.serve.loader import add_model_arguments, load_from_args
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="llava-uta-chat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_model_arguments(parser)

@@ -26,6 +26,7 @@ from pathlib import Path
 import gradio as gr
 from gradio import FileData
 
+from llava_uta.argparsing import ArgumentParser
 from llava_uta.serve.chat import ChatSession
 from llava_uta.serve.examples import example_rows, shapes_source
 from llava_uta.serve.images import MODES, open_upload, prepare
@@ -146,7 +147,7 @@ def build_demo(bot: ImageChat, examples: list[list[str]]) -> gr.Blocks:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="llava-uta-web", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_model_arguments(parser)

@@ -14,6 +14,7 @@ import os
 
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from llava_uta.argparsing import ArgumentParser
 from llava_uta.model.llava_builder import load_lora_model
 
 
@@ -30,7 +31,7 @@ def merge_lora(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_path", required=True, help="output folder of a --lora_enable run")
     parser.add_argument("--save_model_path", required=True)
     parser.add_argument("--model_base",

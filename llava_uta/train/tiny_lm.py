@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from llava_uta.argparsing import ArgumentParser
 from llava_uta.constants import DEFAULT_IMAGE_TOKEN
 from llava_uta.conversation import get_template
 from llava_uta.data.llava_dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset
@@ -228,7 +229,7 @@ def mean_ends(losses: list[float]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", required=True, help="text file, one passage per line")
     parser.add_argument("--chat_json", help="LLaVA conversation JSON to add, rendered with --version")
     parser.add_argument("--version", default="v1", help="chat template for --chat_json and --sft_json")

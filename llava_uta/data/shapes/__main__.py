@@ -7,11 +7,12 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from llava_uta.argparsing import ArgumentParser
 from llava_uta.data.shapes.writer import ShapesWorldConfig, build
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llava-uta-shapes", description=__doc__)
+    parser = ArgumentParser(prog="llava-uta-shapes", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("playground/data/shapes"), help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing world made with another config")
     parser.add_argument("--workers", type=int, default=2, help="rendering processes (the output does not depend on it)")

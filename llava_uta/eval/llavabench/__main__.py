@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from llava_uta.argparsing import ArgumentParser
 from llava_uta.eval.llavabench import answer, grounding, review, summarize
 
 COMMANDS = {
@@ -33,7 +34,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="llava-uta-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)

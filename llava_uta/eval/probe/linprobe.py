@@ -21,6 +21,7 @@ import time
 import torch
 from torch import Tensor
 
+from llava_uta.argparsing import ArgumentParser
 from llava_uta.data.image_folder import checked_image_folder, limit_per_class
 from llava_uta.eval.probe.features import (
     Selector,
@@ -88,7 +89,7 @@ def markdown_table(result: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", required=True, help="ImageFolder train split (ROOT/CLASS/IMAGE)")
     parser.add_argument("--val", required=True, help="ImageFolder val split (its classes: a subset of train's)")
     parser.add_argument("--max-per-class", type=int, default=0,

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from llava_uta.argparsing import ArgumentParser
 from llava_uta.eval.probe.data import (
     ATTRIBUTES,
     PATCH_MODES,
@@ -142,7 +143,7 @@ def markdown_table(result: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="ShapesWorld root (with scenes.jsonl), from llava-uta-shapes")
     parser.add_argument("--train-dir", action="append", help="image folder(s) under DATA to fit on (repeatable; "
                         f"default {' '.join(DEFAULT_TRAIN_DIRS)})")
