@@ -21,7 +21,8 @@ def test_dashes_and_underscores_are_one_flag_in_groups_and_subcommands():
         assert (args.model_path, args.image_size, args.random_init) == ("m", 3, True)
     with pytest.raises(SystemExit):
         parser.parse_args(["--model__path", "m"])  # not a spelling of any flag
-    answer = bench_parser().parse_args(["answer", "--model_path", "m", "--question_file", "q", "--answers_file", "a"])
+    answer = bench_parser().parse_args(["answer", "--model_path", "m", "--question_file", "q", "--answers_file", "a",
+                                        "--image_folder", "i"])
     assert (answer.model_path, answer.question_file) == ("m", "q")
     convert = convert_parser().parse_args(["--from_open_clip", "local-dir:t", "out"])
     assert convert.from_open_clip == "local-dir:t" and convert.out == "out"
