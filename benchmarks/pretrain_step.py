@@ -5,7 +5,7 @@ for the same teacher); the frozen teacher's forward on the full image is timed s
 achieved TFLOP/s (6 x parameters x tokens: the matmuls of forward and backward) is compared with this
 machine's measured matmul peak.
 
-With M keep sets per view (`uta-pretrain --masks_per_view M`) one teacher forward serves M student passes: the
+With M keep sets per view (`llava-uta-pretrain --masks_per_view M`) one teacher forward serves M student passes: the
 step of M passes is timed as the engine runs it (one batch of M x B rows), and the end-to-end table adds the
 teacher's forward once per step: images/s (teacher views) and student passes/s end to end, each against MIM's
 single pass. M = 2 at mask ratio 0.5 uses complement pairs (`--mask_pairing complement`), other M independent draws.

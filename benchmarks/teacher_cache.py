@@ -1,4 +1,4 @@
-"""The teacher cache of `uta-pretrain`: seconds per step with the teacher on the fly vs reading cached targets.
+"""The teacher cache of `llava-uta-pretrain`: seconds per step with the teacher on the fly vs reading cached targets.
 
     python -m llava_uta.data.shapes --out /tmp/shapes-cache-bench --seed 0 --num-clip 256 --num-pretrain 2048 \\
         --num-stage1 64 --num-stage2 64 --num-zeroshot-per-class 1 --num-bench-images 1

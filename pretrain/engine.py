@@ -48,7 +48,7 @@ from pretrain.teacher_cache import TeacherCache
 
 @dataclass
 class PretrainArguments(RunArguments):
-    """Flags of `uta-pretrain`; defaults follow the paper card (ImageNet-21K, UTA-B)."""
+    """Flags of `llava-uta-pretrain`; defaults follow the paper card (ImageNet-21K, UTA-B)."""
 
     data_path: str = field(metadata={"help": "ImageFolder root, a .tar shard, or a folder / glob of tar shards"})
     output_dir: str = field(metadata={"help": "checkpoints, logs and the final student go here"})

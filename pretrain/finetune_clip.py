@@ -1,12 +1,12 @@
-"""`uta-finetune-clip`: contrastive fine-tuning, the paper's second stage, from a UTA ViT to a CLIP model.
+"""`llava-uta-finetune-clip`: contrastive fine-tuning, the paper's second stage, from a UTA ViT to a CLIP model.
 
-The image tower is a UTA ViT (a `uta-pretrain` student or a released checkpoint), the text tower a CLIP text encoder
-(the `text.*` of a released checkpoint, or any open_clip model's, e.g. the teacher's); both are trained with the CLIP
-loss at a fixed temperature (T = 0.01, `--logit_scale 100`), with LAMB and layer-wise lr decay on the image tower, as
-in the paper. The output `uta_clip.safetensors` is in the released key layout (`visual.*`, `text.*`, `logit_scale`),
-so `llava-uta-zeroshot --model uta` and `llava-uta-convert` take it as they take a released checkpoint.
+The image tower is a UTA ViT (a `llava-uta-pretrain` student or a released checkpoint), the text tower a CLIP text
+encoder (the `text.*` of a released checkpoint, or any open_clip model's, e.g. the teacher's); both are trained with
+the CLIP loss at a fixed temperature (T = 0.01, `--logit_scale 100`), with LAMB and layer-wise lr decay on the image
+tower, as in the paper. The output `uta_clip.safetensors` is in the released key layout (`visual.*`, `text.*`,
+`logit_scale`), so `llava-uta-zeroshot --model uta` and `llava-uta-convert` take it as they take a released checkpoint.
 
-    uta-finetune-clip --train_data /data/datacomp/shards --init runs/uta_b14/student.safetensors \\
+    llava-uta-finetune-clip --train_data /data/datacomp/shards --init runs/uta_b14/student.safetensors \\
         --text_model EVA01-g-14-plus --text_pretrained /ckpt/eva01_g14_plus.bin --output_dir runs/uta_b14_clip
     torchrun --nproc_per_node 8 -m pretrain.finetune_clip ...          # or: deepspeed --module pretrain.finetune_clip
 
@@ -68,12 +68,12 @@ OPTIMIZERS = ("lamb", "adamw")
 
 @dataclass
 class FinetuneArguments(RunArguments):
-    """Flags of `uta-finetune-clip`; defaults follow the paper card (UTA-B on DataComp-1B)."""
+    """Flags of `llava-uta-finetune-clip`; defaults follow the paper card (UTA-B on DataComp-1B)."""
 
     train_data: str = field(metadata={"help": "open_clip CSV (filepath,title) or webdataset tar shards (.jpg/.png + "
                                               ".txt): a .tar, a folder of them, or a glob"})
     output_dir: str = field(metadata={"help": "checkpoints, logs and uta_clip.safetensors go here"})
-    init: str = field(metadata={"help": "the image tower: a uta-pretrain student (.safetensors + .json) or a "
+    init: str = field(metadata={"help": "the image tower: a llava-uta-pretrain student (.safetensors + .json) or a "
                                         "released UTA checkpoint (visual.*, text.*, logit_scale)"})
     text_model: str | None = field(default=None, metadata={
         "help": "open_clip model name or local-dir:PATH whose text tower is fine-tuned (e.g. the teacher); "

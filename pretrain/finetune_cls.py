@@ -12,7 +12,7 @@ mixup, cutmix and random erasing off (0); the flags are here for other recipes. 
         --train_data /data/imagenet/train --val_data /data/imagenet/val --output_dir runs/uta_b14_in1k
     torchrun --nproc_per_node 8 -m pretrain.finetune_cls ...        # or: deepspeed --module pretrain.finetune_cls
 
---init is a `uta-pretrain` student, a released UTA checkpoint (its `visual.*`) or a classifier this command wrote;
+--init is a `llava-uta-pretrain` student, a released UTA checkpoint (its `visual.*`) or a classifier this command wrote;
 without it the tower starts from random weights (the floor a pre-training must beat). The classification head is
 fresh unless --init holds one of the same shape (EVA-02's rule). Ranks are torch DistributedDataParallel; bf16 is
 autocast over fp32 weights. Each sample's augmentation is a function of (seed, epoch, index) and each micro-batch's
@@ -64,8 +64,8 @@ class FinetuneClsArguments(RunArguments):
     model: str | None = field(default=None, metadata={
         "help": f"UTA ViT config (timm model name), one of {sorted(UTA_VIT_CONFIGS)}; default: --init's config"})
     init: str | None = field(default=None, metadata={
-        "help": "uta-pretrain student (.safetensors + .json), released UTA checkpoint, or a classifier written by "
-                "this command; none: random init"})
+        "help": "llava-uta-pretrain student (.safetensors + .json), released UTA checkpoint, or a classifier written "
+                "by this command; none: random init"})
     val_data: str | None = field(default=None, metadata={"help": "ImageFolder with the train split's classes"})
     image_size: int | None = field(default=None, metadata={"help": "fine-tune at this input size (EVA-02: 448)"})
     global_pool: str = field(default="avg", metadata={"help": f"one of {GLOBAL_POOLS[1:]}: avg (EVA-02) or token"})

@@ -196,7 +196,7 @@ def render_masks(generator: KeepIndexGenerator, out: Path, samples: int = 8, dra
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog="uta-masks", description="Render sample keep masks and the keep heatmap.")
+    parser = ArgumentParser(prog="llava-uta-masks", description="Render sample keep masks and the keep heatmap.")
     parser.add_argument("--grid", type=int, default=16, help="patch grid side (224 px / patch 14 = 16)")
     parser.add_argument("--mask-ratio", type=float, default=0.5)
     parser.add_argument("--kind", choices=MASKING_KINDS, default="reversed_block")

@@ -1,6 +1,6 @@
-"""`uta-pretrain`: UTA pre-training from the command line, as one process or under `deepspeed`.
+"""`llava-uta-pretrain`: UTA pre-training from the command line, as one process or under `deepspeed`.
 
-    uta-pretrain --data_path /data/imagenet21k/train --output_dir runs/uta_b14 \\
+    llava-uta-pretrain --data_path /data/imagenet21k/train --output_dir runs/uta_b14 \\
         --teacher EVA01-g-14-plus --teacher_pretrained /ckpt/eva01_g14_plus.bin --model uta_b14_224
     deepspeed --hostfile hostfile -m pretrain.train --data_path ... --bf16 --zero_stage 1   # multi-node
 """

@@ -3,10 +3,10 @@
 # teacher, temperature fixed at 0.01, global batch 49,152, LAMB, peak lr 2e-4 base / 4e-4 large, layer-wise lr decay
 # 0.75 base / 0.85 large, weight decay 0.05, cosine to 0). finetune_clip_b.sh and finetune_clip_l.sh set the model
 # variables. The number of samples seen and the warm-up are not in the paper card: EPOCHS and WARMUP are ours.
-# Multi-node: put the nodes in HOSTFILE. Extra arguments are passed to uta-finetune-clip.
+# Multi-node: put the nodes in HOSTFILE. Extra arguments are passed to llava-uta-finetune-clip.
 set -euo pipefail
 DATA=${DATA:-/data/datacomp1b/shards}                # webdataset shards (.jpg + .txt), or an open_clip CSV
-INIT=${INIT:-runs/uta_b14_224/student.safetensors}   # a uta-pretrain student, or a released UTA checkpoint
+INIT=${INIT:-runs/uta_b14_224/student.safetensors}   # a llava-uta-pretrain student, or a released UTA checkpoint
 TEXT_MODEL=${TEXT_MODEL:-EVA01-g-14-plus}           # open_clip name of the teacher, whose text tower is fine-tuned
 TEXT_WEIGHTS=${TEXT_WEIGHTS:-/ckpt/EVA01_CLIP_g_14_plus_psz14_s11B.pt}
 LR=${LR:-2e-4}

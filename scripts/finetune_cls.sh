@@ -7,7 +7,7 @@
 set -euo pipefail
 DATA=${DATA:-/data/imagenet}                         # ImageFolder with train/ and val/
 MODEL=${MODEL:-uta_b14_224}
-INIT=${INIT:-runs/uta_b14_224/student.safetensors}   # a uta-pretrain student, or a released UTA checkpoint
+INIT=${INIT:-runs/uta_b14_224/student.safetensors}   # a llava-uta-pretrain student, or a released UTA checkpoint
 LR=${LR:-1e-4}
 LAYER_DECAY=${LAYER_DECAY:-0.7}
 DROP_PATH=${DROP_PATH:-0.1}

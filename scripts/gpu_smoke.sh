@@ -3,7 +3,7 @@
 # project's tools on a small generated ShapesWorld, each one ending in a PASS or FAIL line with its figures.
 #   1. llava-uta-shapes (a world at IMAGE_SIZE px) and llava-uta-train-clip (a tiny teacher CLIP at the student's
 #      token grid, a few steps: its quality does not matter here)
-#   2. uta-pretrain under deepspeed on NUM_GPUS ranks: bf16, drop path, ZeRO-1, MODEL at IMAGE_SIZE px; the exported
+#   2. llava-uta-pretrain under deepspeed on NUM_GPUS ranks: bf16, drop path, ZeRO-1, MODEL at IMAGE_SIZE px; the exported
 #      student.safetensors must hold fp32 weights
 #   3. llava-uta-convert --image-size TOWER_SIZE: the student as a larger tower (224 -> 336 px, as LLaVA-1.5 uses);
 #      the tower must give (TOWER_SIZE / patch)^2 + 1 tokens and carry no drop path

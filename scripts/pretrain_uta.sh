@@ -2,7 +2,7 @@
 # UTA pre-training on ImageNet-21K (paper card: 224 px, patch 14, 150 epochs, global batch 4096, AdamW wd 0.05,
 # lr warmed up linearly to 1.5e-3 over 1 epoch then cosine to 1e-5; mask ratio 0.4 base / 0.5 large),
 # aligned to a frozen giant EVA-CLIP. pretrain_uta_b14.sh and pretrain_uta_l14.sh set the model variables.
-# Multi-node: put the nodes in HOSTFILE. Extra arguments are passed to uta-pretrain.
+# Multi-node: put the nodes in HOSTFILE. Extra arguments are passed to llava-uta-pretrain.
 set -euo pipefail
 DATA=${DATA:-/data/imagenet21k/train}                # ImageFolder root, or a folder of tar shards
 TEACHER=${TEACHER:-EVA01-g-14-plus}                  # open_clip name

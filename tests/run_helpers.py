@@ -25,7 +25,7 @@ def engine_args(world: Path, teacher: Path, out: Path, **overrides) -> PretrainA
 
 
 def cli_flags(args: PretrainArguments) -> list[str]:
-    """The uta-pretrain flags of the fields engine_args sets."""
+    """The llava-uta-pretrain flags of the fields engine_args sets."""
     flags = []
     for key in ("data_path", "output_dir", "teacher", "model", "mask_ratio", "max_steps", "batch_size",
                 "micro_batch_size", "lr", "warmup_steps", "workers", "save_every", "log_every", "drop_path",

@@ -26,3 +26,16 @@ def test_dashes_and_underscores_are_one_flag_in_groups_and_subcommands():
     assert (answer.model_path, answer.question_file) == ("m", "q")
     convert = convert_parser().parse_args(["--from_open_clip", "local-dir:t", "out"])
     assert convert.from_open_clip == "local-dir:t" and convert.out == "out"
+
+
+def test_the_old_console_names_say_the_new_one_and_run_the_tool(capsys, monkeypatch):
+    import sys
+
+    from pretrain import deprecated
+
+    monkeypatch.setattr(sys, "argv", ["uta-masks", "--help"])
+    with pytest.raises(SystemExit) as done:
+        deprecated.uta_masks()
+    assert done.value.code == 0
+    out = capsys.readouterr()
+    assert "uta-masks is deprecated" in out.err and "llava-uta-masks" in out.err and "--mask-ratio" in out.out

@@ -1,4 +1,4 @@
-"""Contrastive fine-tuning (uta-finetune-clip): global-batch loss, accumulation, fixed temperature, layer decay,
+"""Contrastive fine-tuning (llava-uta-finetune-clip): global-batch loss, accumulation, fixed temperature, layer decay,
 exact resume, the released-layout output and clear errors."""
 
 import io

@@ -242,7 +242,7 @@ def test_study_draws_curves_over_seeds_from_the_quickstart_teacher(run, capsys):
 
 
 def canned_uta_summary(paths: Layout, seconds: float = 12.5) -> None:
-    """What uta-pretrain writes at the end of a run, as the later stages' flags read it."""
+    """What llava-uta-pretrain writes at the end of a run, as the later stages' flags read it."""
     folder = paths.student("uta")
     folder.mkdir(parents=True, exist_ok=True)
     zeroshot = {"top1": 0.25, "top5": 0.6}
@@ -262,7 +262,7 @@ def test_every_stage_is_a_tool_whose_own_parser_takes_its_flags(profile, tmp_pat
         parser = tool_module(stage.tool).build_parser()
         parser.parse_args(stage.argv())  # exits (SystemExit) on an unknown or malformed flag
         assert stage.command().startswith(stage.tool + " ")
-    budgets = {s.key: s.argv() for s in stages if s.tool == "uta-pretrain"}
+    budgets = {s.key: s.argv() for s in stages if s.tool == "llava-uta-pretrain"}
     for name in EQUAL_WALL_CLOCK:
         argv = budgets[f"student-{name}"]
         assert argv[argv.index("--max_train_seconds") + 1] == "12.5"

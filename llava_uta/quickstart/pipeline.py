@@ -2,7 +2,7 @@
 
 A stage is done when its output exists and `quickstart.json` in the runs folder records it; the record is
 written (atomically) only after the stage returns, so an interrupted stage runs again on the next call and
-resumes through its own tool (`uta-pretrain --resume`, the bench's append logs).
+resumes through its own tool (`llava-uta-pretrain --resume`, the bench's append logs).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pretrain.masking import KeepIndexGenerator
 
 GRID = UTA_VIT_CONFIGS[RECIPE.student_model].grid_size
 UTA_KEPT_SHARE = 1 / (1 + KeepIndexGenerator(GRID, RECIPE.mask_ratio).num_keep)  # CLS share of UTA's plain-mean loss
-# name -> (uta-pretrain flags, title). Objective baselines get UTA's training seconds; masking ablations its steps.
+# name -> (llava-uta-pretrain flags, title); objective baselines get UTA's training seconds, masking ablations its steps
 STUDENTS = {
     "uta": ([], "UTA, reversed block masking (kept = blocks)"),
     "mim": (["--objective", "mim", "--masking", "block", "--cls_weight", str(UTA_KEPT_SHARE)],
@@ -51,7 +51,7 @@ class Stage:
 
     key: str
     title: str
-    tool: str  # e.g. "uta-pretrain"
+    tool: str  # e.g. "llava-uta-pretrain"
     argv: Callable[[], list[str]]  # built when the stage runs: a budget may come from an earlier stage's output
     output: Path  # exists once the stage is done
 
@@ -137,8 +137,8 @@ class Layout:
 
 
 def pretrain_argv(paths: Layout, out: Path, seed: int, batch: int, warmup: int) -> list[str]:
-    """uta-pretrain flags of the shared recipe (every student of the quickstart and the study): data, teacher, model,
-    optimiser, views, zero-shot evaluation; the caller adds the budget and the student's own flags."""
+    """llava-uta-pretrain flags of the shared recipe (every student of the quickstart and the study): data, teacher,
+    model, optimiser, views, zero-shot evaluation; the caller adds the budget and the student's own flags."""
     r, zs = RECIPE, paths.data / "zeroshot"
     return ["--data_path", str(paths.data / "pretrain" / "train"), "--output_dir", str(out), "--resume",
             "--teacher", f"local-dir:{paths.teacher}", "--model", r.student_model, "--mask_ratio", str(r.mask_ratio),
@@ -234,7 +234,7 @@ class Pipeline:
                                  p.tower(tower) / "config.json"),
                            *self.llava_stages(tower)]
             stages.append(Stage("finetune-uta", "UTA student + teacher text, contrastive fine-tuning",
-                                "uta-finetune-clip", self.finetune_argv, p.finetuned("uta") / "summary.json"))
+                                "llava-uta-finetune-clip", self.finetune_argv, p.finetuned("uta") / "summary.json"))
             stages += [self.student_stage(name) for name in STUDENTS if name != "uta"]
             stages += [Stage(f"classify-{init}", f"classification fine-tuning from {title}", "llava-uta-finetune-cls",
                              lambda init=init: self.classify_argv(init), p.classifier(init) / "summary.json")
@@ -304,7 +304,7 @@ class Pipeline:
     # ---- students
 
     def student_stage(self, name: str) -> Stage:
-        return Stage(f"student-{name}", f"student: {STUDENTS[name][1]}", "uta-pretrain",
+        return Stage(f"student-{name}", f"student: {STUDENTS[name][1]}", "llava-uta-pretrain",
                      lambda: self.student_argv(name), self.paths.student(name) / "summary.json")
 
     def student_argv(self, name: str) -> list[str]:

@@ -1,7 +1,7 @@
 """`llava-uta-study`: the paper's pre-training claims at small scale, as curves over seeds instead of single points.
 
-Every run is a `uta-pretrain` student on the quickstart's ShapesWorld and teacher (run `make demo` first), with the
-quickstart's recipe, the same wall-clock budget and several seeds. Each run evaluates zero-shot top-1 at
+Every run is a `llava-uta-pretrain` student on the quickstart's ShapesWorld and teacher (run `make demo` first), with
+the quickstart's recipe, the same wall-clock budget and several seeds. Each run evaluates zero-shot top-1 at
 `eval_points` moments spread over its budget, recording the training seconds and the student's TFLOP there, so
 the table and plots show top-1 as a function of training compute. A point before the end is a moment of one
 run whose learning rate is still decaying over the whole budget, not a shorter run's result.
@@ -46,7 +46,7 @@ def masking_run(kind: str, keep: float) -> tuple[list[str], str]:
     return ["--masking", kind, "--mask_ratio", str(1 - keep)], f"UTA, {kind.replace('_', ' ')} masking, keep {keep:g}"
 
 
-# name -> (uta-pretrain flags, title); "uta" is also the masking ablation's reversed-block, keep-1/2 row and the
+# name -> (llava-uta-pretrain flags, title); "uta" is also the masking ablation's reversed-block, keep-1/2 row and the
 # one-pass-per-teacher-forward row of the masks-per-view comparison
 MASKING_RUNS = {
     f"uta-{kind}-keep{keep:g}": masking_run(kind, keep)
@@ -89,7 +89,7 @@ def run_folder(study: Path, name: str, seed: int) -> Path:
 
 
 def run_stage(paths: Layout, study: Path, profile: StudyProfile, name: str, seed: int, cache_views: int) -> Stage:
-    """One student of the study, a `uta-pretrain` run (it resumes an interrupted one)."""
+    """One student of the study, a `llava-uta-pretrain` run (it resumes an interrupted one)."""
     budget = ["--max_steps", str(profile.steps)]
     if profile.seconds:
         budget += ["--max_train_seconds", str(profile.seconds)]
@@ -97,7 +97,7 @@ def run_stage(paths: Layout, study: Path, profile: StudyProfile, name: str, seed
     folder = run_folder(study, name, seed)
     argv = [*pretrain_argv(paths, folder, seed, profile.batch, profile.warmup),
             "--save_every", "50", "--eval_points", str(profile.eval_points), *budget, *cache, *RUNS[name][0]]
-    return Stage(f"{name}-seed{seed}", f"{RUNS[name][1]}, seed {seed}", "uta-pretrain", lambda: argv,
+    return Stage(f"{name}-seed{seed}", f"{RUNS[name][1]}, seed {seed}", "llava-uta-pretrain", lambda: argv,
                  folder / "summary.json")
 
 
