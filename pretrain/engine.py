@@ -358,7 +358,7 @@ class Pretrainer(EpochLoader):
                                                     disable=self.rank != 0, desc=args.objective) as progress:
             last_eval = self.run_steps(logger, progress, preemption)
         summary = {"steps": self.step, "args": asdict(args), "train_seconds": self.train_seconds,
-                   "student_flop": self.student_flop / 1e12}
+                   "student_tflop": self.student_flop / 1e12}
         if logger.records:
             steady = ("images_per_s", "passes_per_s", "student_tflops", "teacher_share")
             summary |= {"final_loss": logger.records[-1]["loss"], **{key: logger.steady_mean(key) for key in steady}}

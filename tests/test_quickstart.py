@@ -28,7 +28,7 @@ from llava_uta.quickstart.pipeline import (
     run_stages,
     tool_module,
 )
-from llava_uta.quickstart.profiles import PROFILES, get_profile
+from llava_uta.quickstart.profiles import LANGUAGE_MODELS, PROFILES, get_profile
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -173,7 +173,8 @@ def test_the_lm_is_instruction_tuned_in_words_and_asked_in_words(run):
     words, uta = (json.loads(path.read_text()) for path in (paths.lm_in_words, paths.grounding("uta")))
     assert {k: v["n"] for k, v in words["kinds"].items()} == {k: v["n"] for k, v in uta["kinds"].items()}
     assert "detail" not in words
-    assert "| tiny LM alone, the scene in words (no image) |" in paths.results.read_text()
+    lm_title = LANGUAGE_MODELS[PROFILES["fast"].lm].title
+    assert f"| {lm_title} alone, the scene in words (no image) |" in paths.results.read_text()
 
 
 @pytest.mark.slow
