@@ -23,7 +23,7 @@ buffers are mapped, so each rank unlinks its own name right away; the mappings s
 
 from __future__ import annotations
 
-import logging
+import atexit
 import os
 import sys
 from pathlib import Path
@@ -49,15 +49,17 @@ def shm_buffer_path(rank: int) -> Path:
 
 
 def end_process_group(status: int = 0) -> None:
-    """Wait for every rank, destroy the process group, then end this rank's process (exit code `status`).
+    """Wait for every rank, destroy the process group, finish what the program registered to finish at exit, then
+    end this rank's process (exit code `status`).
 
     The barrier returns once every earlier collective of every rank has completed, so no rank leaves while another
-    still communicates with it. The process then ends with `os._exit(0)` after flushing the standard streams and
-    the logging handlers, i.e. without interpreter finalization: gloo's worker threads may still be releasing the
-    last collectives' tensors (the barrier's own work object holds them and is destroyed by a worker after the
-    barrier returns), and finalization is the one moment such a release aborts the process. Every output of the
-    tools is written and closed before this call. Without a group, a non-zero `status` exits with it (sys.exit), and
-    status 0 does nothing.
+    still communicates with it. The atexit handlers then run while the interpreter is whole (a W&B or MLflow run
+    opened through `--report_to` is finished, the logging handlers are flushed and closed), the standard streams are
+    flushed, and the process ends with `os._exit`: without interpreter finalization, the one moment at which a gloo
+    worker thread still releasing the last collectives' tensors aborts the process (the barrier's own work object
+    holds them and is destroyed by a worker after the barrier returns). Only a process with a group ends here (a
+    launched rank, at the end of a tool's `main`); without a group, a non-zero `status` exits with it (sys.exit),
+    and status 0 does nothing, so an in-process caller of a tool goes on.
     """
     if not (dist.is_available() and dist.is_initialized()):
         if status:
@@ -69,7 +71,7 @@ def end_process_group(status: int = 0) -> None:
         ds_comm.destroy_process_group()  # also drops DeepSpeed's own references to its groups
     else:
         dist.destroy_process_group()
-    logging.shutdown()
+    atexit._run_exitfuncs()  # what normal exit runs before finalization: logging.shutdown, W&B / MLflow finishers, ...
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

@@ -54,6 +54,41 @@ def _launch_two_ranks(script: Path, teardown: str) -> list[tuple[int, str]]:
     return [(p.wait(timeout=300), p.stdout.read()) for p in procs]
 
 
+# One rank that writes output right before it leaves: a log record to a file, unflushed stdout, and an atexit handler
+# (how W&B and MLflow finish a run opened through --report_to).
+LAST_WORDS_SCRIPT = textwrap.dedent("""
+    import atexit, logging, sys
+    from pathlib import Path
+    import torch.distributed as dist
+    from llava_uta.distributed import end_process_group
+
+    out = Path(sys.argv[1])
+    logging.basicConfig(filename=out / "run.log", level=logging.INFO)
+    dist.init_process_group("gloo")
+    atexit.register(lambda: (out / "finished").write_text("run finished"))
+    logging.getLogger("run").info("last record")
+    print("last line, unflushed", end="")
+    end_process_group(3)
+    print("never printed")
+""")
+
+
+def test_a_rank_leaving_keeps_its_last_output_and_runs_the_exit_handlers(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(LAST_WORDS_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "last line, unflushed"
+    assert "last record" in (tmp_path / "run.log").read_text()
+    assert (tmp_path / "finished").read_text() == "run finished"
+
+
 def test_end_process_group_without_a_group_does_nothing():
     end_process_group()  # a single process (the quickstart runs the trainers in-process): no group, no error
 

@@ -41,7 +41,7 @@ def _dataset(tokenizer, path, root, version="v1", max_length=512, aspect="square
         make_image_processor(clip_image_processor(32), aspect),
         version,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        num_image_tokens=N_IMAGE,
+        image_text="<image>" * N_IMAGE,
         model_max_length=max_length,
         image_folder=root,
         **kwargs,

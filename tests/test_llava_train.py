@@ -14,15 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from llava_helpers import llava_args
+from llava_helpers import llava_args, tiny_tower_config
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlavaForConditionalGeneration, set_seed
 
 from llava_uta.model.checkpoint import load_state_dict_file
+from llava_uta.model.hf_vision import UTAVisionModel
 from llava_uta.model.llava_builder import build_llava
+from llava_uta.model.processors import clip_image_processor
 from llava_uta.model.projector import load_llava_projector
 from llava_uta.train.merge_lora import load_lora_model, merge_lora
-from llava_uta.train.train import train
+from llava_uta.train.train import build_trainer, parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAVA_KEYS = {
@@ -102,6 +104,25 @@ def test_stage2_learns_keeps_the_tower_and_reloads_in_a_fresh_process(parts, sta
     """)
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
     torch.testing.assert_close(torch.load(tmp_path / "fresh.pt"), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_a_frozen_tower_with_drop_path_runs_in_eval_mode_in_every_training_step(parts, tmp_path):
+    """The Trainer puts the whole model in train mode before its steps: a frozen tower configured with drop-path (a
+    student's drop_path_rate) must still compute its features in eval mode, deterministically, in every step."""
+    config = tiny_tower_config()
+    config.drop_path_rate = 0.1
+    tower_dir = tmp_path / "tower"
+    UTAVisionModel(config).save_pretrained(tower_dir)
+    clip_image_processor(32).save_pretrained(tower_dir)
+    trainer = build_trainer(*parse_args(llava_args({**parts, "tower": tower_dir}, tmp_path / "run", stage=2,
+                                                   max_steps=3)))
+    tower = trainer.model.model.vision_tower
+    assert tower.vit.blocks[1].drop_path1.drop_prob > 0  # the tower does have drop-path to switch on
+    modes = []
+    tower.register_forward_hook(lambda module, args, out: modes.append([m.training for m in module.modules()]))
+    trainer.train()
+    assert len(modes) == 3 and not any(any(step) for step in modes)
+    assert trainer.model.model.multi_modal_projector.training  # the rest of the model did train
 
 
 def test_text_only_batches_still_run_the_projector(parts, stage1, tmp_path):

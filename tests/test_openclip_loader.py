@@ -23,11 +23,6 @@ TRUNKS = {
     "uta_test_eva02_p8_32": dict(qkv_fused=False, mlp_ratio=8 / 3, swiglu_mlp=True, scale_mlp=True,
                                  scale_attn_inner=True, use_rot_pos_emb=True, ref_feat_shape=(16, 16)),
 }
-EVA02_TO_EVA_CLIP = (  # timm's EVA-02 names -> EVA-CLIP's (the inverse of what timm's checkpoint filter renames)
-    (".attn.q_proj.bias", ".attn.q_bias"), (".attn.v_proj.bias", ".attn.v_bias"),
-    (".attn.norm.", ".attn.inner_attn_ln."), (".mlp.fc1_g.", ".mlp.w1."), (".mlp.fc1_x.", ".mlp.w2."),
-    (".mlp.norm.", ".mlp.ffn_ln."), (".mlp.fc2.", ".mlp.w3."),
-)
 TEXT_CFG = {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}
 
 
@@ -53,51 +48,92 @@ def eva_clip_configs(tmp_path_factory) -> list[str]:
     return [f"{trunk}-clip" for trunk in TRUNKS]
 
 
-def to_eva_clip_layout(state_dict: dict[str, torch.Tensor], text_at_top: bool) -> dict[str, torch.Tensor]:
-    """An open_clip state dict written the way BAAI's EVA-CLIP checkpoints are (visual.* without .trunk)."""
-    out = {}
-    for key, value in state_dict.items():
-        if key.startswith("visual.trunk."):
-            key = "visual." + key.removeprefix("visual.trunk.")
-            if ".mlp.fc1_g." in key or ".attn.q_proj." in key:  # an EVA-02 trunk
-                for ours, theirs in EVA02_TO_EVA_CLIP:
-                    key = key.replace(ours, theirs)
-        elif text_at_top:
-            key = key.removeprefix("text.")  # the old CLIP layout: text tower keys at the top level
-        out[key] = value
-    if "visual.blocks.0.attn.q_proj.weight" in out:  # EVA-02: EVA-CLIP also stores its RoPE tables, shared + per block
-        for prefix in ("visual.", "visual.blocks.0.attn.", "visual.blocks.1.attn."):
-            out[prefix + "rope.freqs_cos"] = out[prefix + "rope.freqs_sin"] = torch.randn(16, 16)
-    return out
+def eva_clip_visual(eva02: bool, depth: int = 2, dim: int = 32, heads: int = 2) -> dict[str, torch.Tensor]:
+    """A vision tower's state dict under the names EVA-CLIP's own model code gives it (`EVAVisionTransformer`,
+    eva_clip/eva_vit_model.py), random values: EVA-01 (EVA01-g-14-plus): fused `qkv` without bias plus `q_bias` /
+    `v_bias`, GELU `Mlp` (`fc1`, `fc2`); EVA-02: `q_proj` / `k_proj` / `v_proj` without bias plus `q_bias` / `v_bias`,
+    `inner_attn_ln`, SwiGLU (`w1` gated, `w2`, `ffn_ln`, `w3`) and the RoPE tables, once at `rope` and in every block
+    (the blocks share one module). Both: CLS pooling through `norm`, then `head` (the CLIP projection)."""
+    hidden = dim * 8 // 3 if eva02 else dim * 4
+    shapes = {"cls_token": (1, 1, dim), "pos_embed": (1, 17, dim), "patch_embed.proj.weight": (dim, 3, 8, 8),
+              "patch_embed.proj.bias": (dim,), "norm.weight": (dim,), "norm.bias": (dim,),
+              "head.weight": (24, dim), "head.bias": (24,)}
+    rope = (16, dim // heads)
+    if eva02:
+        shapes |= {"rope.freqs_cos": rope, "rope.freqs_sin": rope}
+    for i in range(depth):
+        block = {"norm1.weight": (dim,), "norm1.bias": (dim,), "norm2.weight": (dim,), "norm2.bias": (dim,),
+                 "attn.q_bias": (dim,), "attn.v_bias": (dim,), "attn.proj.weight": (dim, dim), "attn.proj.bias": (dim,)}
+        if eva02:
+            block |= {"attn.q_proj.weight": (dim, dim), "attn.k_proj.weight": (dim, dim),
+                      "attn.v_proj.weight": (dim, dim), "attn.inner_attn_ln.weight": (dim,),
+                      "attn.inner_attn_ln.bias": (dim,), "attn.rope.freqs_cos": rope, "attn.rope.freqs_sin": rope,
+                      "mlp.w1.weight": (hidden, dim), "mlp.w1.bias": (hidden,), "mlp.w2.weight": (hidden, dim),
+                      "mlp.w2.bias": (hidden,), "mlp.ffn_ln.weight": (hidden,), "mlp.ffn_ln.bias": (hidden,),
+                      "mlp.w3.weight": (dim, hidden), "mlp.w3.bias": (dim,)}
+        else:
+            block |= {"attn.qkv.weight": (3 * dim, dim), "mlp.fc1.weight": (hidden, dim), "mlp.fc1.bias": (hidden,),
+                      "mlp.fc2.weight": (dim, hidden), "mlp.fc2.bias": (dim,)}
+        shapes |= {f"blocks.{i}.{k}": v for k, v in block.items()}
+    return {f"visual.{k}": torch.randn(shape) for k, shape in shapes.items()}
+
+
+# where EVA-CLIP's tensors must land in the open_clip model (its timm trunk), by what each does in EVA-CLIP's forward
+EVA_CLIP_TO_OPEN_CLIP = {
+    "visual.blocks.1.attn.q_bias": "visual.trunk.blocks.1.attn.q_bias",
+    "visual.blocks.1.attn.v_bias": "visual.trunk.blocks.1.attn.v_bias",
+    "visual.blocks.1.attn.qkv.weight": "visual.trunk.blocks.1.attn.qkv.weight",
+    "visual.blocks.1.mlp.fc1.weight": "visual.trunk.blocks.1.mlp.fc1.weight",
+    "visual.norm.weight": "visual.trunk.norm.weight",
+    "visual.head.weight": "visual.trunk.head.weight",
+}
+EVA02_CLIP_TO_OPEN_CLIP = {
+    "visual.blocks.1.attn.q_bias": "visual.trunk.blocks.1.attn.q_proj.bias",
+    "visual.blocks.1.attn.v_bias": "visual.trunk.blocks.1.attn.v_proj.bias",
+    "visual.blocks.1.attn.k_proj.weight": "visual.trunk.blocks.1.attn.k_proj.weight",
+    "visual.blocks.1.attn.inner_attn_ln.weight": "visual.trunk.blocks.1.attn.norm.weight",
+    "visual.blocks.1.mlp.w1.weight": "visual.trunk.blocks.1.mlp.fc1_g.weight",  # EVA-CLIP: act(w1(x)) * w2(x)
+    "visual.blocks.1.mlp.w2.weight": "visual.trunk.blocks.1.mlp.fc1_x.weight",
+    "visual.blocks.1.mlp.ffn_ln.bias": "visual.trunk.blocks.1.mlp.norm.bias",
+    "visual.blocks.1.mlp.w3.weight": "visual.trunk.blocks.1.mlp.fc2.weight",
+    "visual.head.bias": "visual.trunk.head.bias",
+}
+
+
+def eva_clip_checkpoint(name: str, eva02: bool, text_at_top: bool) -> dict[str, torch.Tensor]:
+    """EVA-CLIP's vision tower (eva_clip_visual) and an open_clip text tower of config `name`, as EVA-CLIP saves them
+    (the text tower under `text.`, or at the top level as in the older CLIP layout)."""
+    text = {k: v for k, v in create_openclip(name, random_weights=True).state_dict().items()
+            if not k.startswith("visual.")}
+    if text_at_top:
+        text = {k.removeprefix("text."): v for k, v in text.items()}
+    return eva_clip_visual(eva02) | {k: torch.randn_like(v) for k, v in text.items()}
 
 
 @pytest.mark.parametrize("text_at_top", [False, True])
 @pytest.mark.parametrize("index", [0, 1])
-def test_eva_clip_layout_loads_as_the_same_model(eva_clip_configs, tmp_path, index, text_at_top):
-    name = eva_clip_configs[index]
+def test_eva_clip_layout_loads_every_tensor_where_eva_clip_uses_it(eva_clip_configs, tmp_path, index, text_at_top,
+                                                                   no_network):
+    name, eva02 = eva_clip_configs[index], index == 1
     torch.manual_seed(index)
-    original = create_openclip(name, random_weights=True).eval()
-    with torch.no_grad():
-        for p in original.parameters():
-            p.add_(torch.randn_like(p) * 0.05)  # no init-time zeros or ones left to hide a wrong mapping
-    eva_clip = to_eva_clip_layout(original.state_dict(), text_at_top)
-    assert not any(".trunk." in k for k in eva_clip) and "visual.patch_embed.proj.weight" in eva_clip
-    assert ("visual.blocks.0.mlp.w1.weight" in eva_clip) == (index == 1)  # EVA-02 names for the EVA-02 trunk
-    torch.save(eva_clip, tmp_path / "eva_clip.pt")
+    checkpoint = eva_clip_checkpoint(name, eva02, text_at_top)
+    torch.save(checkpoint, tmp_path / "eva_clip.pt")
 
-    loaded = create_openclip(name, tmp_path / "eva_clip.pt").eval()
-    images, tokens = torch.randn(2, 3, 32, 32), torch.randint(0, 64, (2, 8))
+    loaded = create_openclip(name, tmp_path / "eva_clip.pt").eval()  # strict: every key used, none missing
+    state = loaded.state_dict()
+    for theirs, ours in (EVA02_CLIP_TO_OPEN_CLIP if eva02 else EVA_CLIP_TO_OPEN_CLIP).items():
+        assert torch.equal(state[ours], checkpoint[theirs]), f"{theirs} -> {ours}"
+    text_key = "token_embedding.weight" if text_at_top else "text.token_embedding.weight"
+    assert torch.equal(state["text.token_embedding.weight"], checkpoint[text_key])
+    images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(loaded.encode_image(images), original.encode_image(images))
-        assert torch.equal(loaded.encode_text(tokens), original.encode_text(tokens))
         teacher = CLIPTeacher.from_pretrained(name, str(tmp_path / "eva_clip.pt"))
-        assert torch.equal(teacher(images), CLIPTeacher(original.visual)(images))
+        assert torch.equal(teacher(images), CLIPTeacher(loaded.visual)(images))
 
 
 def test_eva_clip_layout_errors_name_the_problem(eva_clip_configs, tmp_path):
     torch.manual_seed(0)
-    eva_clip = to_eva_clip_layout(create_openclip(eva_clip_configs[0], random_weights=True).state_dict(),
-                                  text_at_top=False)
+    eva_clip = eva_clip_checkpoint(eva_clip_configs[0], eva02=False, text_at_top=False)
     torch.save(eva_clip, tmp_path / "eva_clip.pt")
     vit_cfg = {"embed_dim": 24, "text_cfg": TEXT_CFG, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32,
                                                                       "layers": 1, "head_width": 16}}

@@ -1,5 +1,6 @@
 """The token-merging projector (`pixel_shuffleF_mlp2x_gelu`): neighbourhoods, the `llava_merge` model's save/load
-round trip, LLaVA's mm_projector.bin, the processor's token count, and stage 1 + 2 + chat on a tiny ChatML LM."""
+round trip, LLaVA's mm_projector.bin, the processor's token count, grid tags, and stage 1 + 2 + chat on a tiny
+ChatML LM."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import pytest
 import torch
 from llava_helpers import llava_args, solid_image, tiny_llama_config, tiny_tower_config
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoTokenizer
+from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
+from llava_uta.conversation import get_template
+from llava_uta.data.preprocess import build_conversation, tokenize_conversation
 from llava_uta.model.llava_builder import build_llava
 from llava_uta.model.merge_llava import LlavaMergeForConditionalGeneration
-from llava_uta.model.processors import clip_image_processor, make_processor
+from llava_uta.model.processors import LlavaGridTagProcessor, clip_image_processor, image_text, make_processor
 from llava_uta.model.projector import (
     load_llava_projector,
     merge_factor,
@@ -77,6 +80,33 @@ def test_a_merging_llava_has_a_quarter_of_the_image_tokens_and_round_trips(merge
                              | {"model.mm_projector.0.weight": torch.zeros(64, 32)}, "pixel_shuffle2_mlp2x_gelu")
 
 
+def test_grid_tags_name_each_merged_token_and_training_expands_image_as_the_processor(llava_parts, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(llava_parts["lm"])
+    model = build_llava(tiny_llama_config(tokenizer), tiny_tower_config(), tokenizer, "pixel_shuffle2_mlp2x_gelu",
+                        grid_tags=True)
+    assert model.config.mm_grid_tags and model.config.image_seq_length == 4
+    processor = make_processor(model, tokenizer, clip_image_processor(32), "square")
+    assert type(processor) is LlavaGridTagProcessor
+    image_id = model.config.image_token_id
+    assert image_text(processor) == (
+        "<row_1_col_1><image><row_1_col_2><image>\n<row_2_col_1><image><row_2_col_2><image>\n")
+    # a training sample's prompt part is what the processor makes of the same rendered prompt
+    conv = build_conversation([{"from": "human", "value": "What is it?\n<image>"}, {"from": "gpt", "value": "A cat."}],
+                              get_template("v1"), has_image=True)
+    sample = tokenize_conversation(conv, tokenizer, image_id, image_text(processor), 512)
+    conv.messages[-1] = (conv.messages[-1][0], None)
+    prompt = conv.get_prompt()
+    inputs = processor(images=Image.new("RGB", (32, 32)), text=prompt, return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == sample.input_ids[: inputs["input_ids"].shape[1]]
+    assert (inputs["input_ids"] == image_id).sum() == 4
+    processor.save_pretrained(tmp_path / "processor")
+    reloaded = AutoProcessor.from_pretrained(tmp_path / "processor")
+    assert type(reloaded) is LlavaGridTagProcessor and image_text(reloaded) == image_text(processor)
+    with pytest.raises(ValueError, match="mm_grid_tags"):
+        build_llava(tiny_llama_config(tokenizer), tiny_tower_config(), tokenizer, "mlp2x_gelu",
+                    select_feature="cls_patch", grid_tags=True)
+
+
 def test_merging_needs_patch_tokens_only(llava_parts):
     tokenizer = AutoTokenizer.from_pretrained(llava_parts["lm"])
     with pytest.raises(ValueError, match="select_feature patch"):
@@ -86,10 +116,12 @@ def test_merging_needs_patch_tokens_only(llava_parts):
         build_llava(tiny_llama_config(tokenizer), tiny_tower_config(), tokenizer, "pixel_shuffle3_mlp2x_gelu")
 
 
-def test_stages_1_and_2_and_chat_on_a_chatml_gguf_lm_with_merged_tokens(llava_parts, chat_gguf, tmp_path):
-    """The embedded default's path on tiny parts: an LM from a GGUF file, the chatml template, 2x2-merged tokens."""
+@pytest.mark.parametrize("grid_tags", [False, True])
+def test_stages_1_and_2_and_chat_on_a_chatml_gguf_lm_with_merged_tokens(llava_parts, chat_gguf, tmp_path, grid_tags):
+    """The embedded default's path on tiny parts: an LM from a GGUF file, the chatml template, 2x2-merged tokens
+    (with and without grid tags, which every folder kind keeps)."""
     parts = {**llava_parts, "lm": chat_gguf}
-    projector = {"projector": "pixel_shuffle2_mlp2x_gelu"}
+    projector = {"projector": "pixel_shuffle2_mlp2x_gelu", "mm_grid_tags": grid_tags}
     stage1 = train(llava_args(parts, tmp_path / "stage1", stage=1, **projector))
     adapter = tmp_path / "stage1" / "mm_projector.bin"
     stage2 = train(llava_args(parts, tmp_path / "stage2", stage=2, version="chatml", pretrain_mm_mlp_adapter=adapter,
@@ -102,6 +134,7 @@ def test_stages_1_and_2_and_chat_on_a_chatml_gguf_lm_with_merged_tokens(llava_pa
         loaded = load_pretrained_model(folder, base, device="cpu")
         assert type(loaded.model) is LlavaMergeForConditionalGeneration
         assert loaded.model.config.image_seq_length == 4
+        assert (type(loaded.processor) is LlavaGridTagProcessor) == grid_tags
         session = ChatSession(loaded, image=Image.open(tmp_path / "red.png"))
         answer = session.answer("What is it?", max_new_tokens=6)
         assert isinstance(answer, str) and "<|im_end|>" not in answer

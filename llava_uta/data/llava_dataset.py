@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from transformers import BaseImageProcessor
 
-from llava_uta.constants import IGNORE_INDEX
+from llava_uta.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
 from llava_uta.conversation import get_template
 from llava_uta.data.preprocess import BadSampleError, build_conversation, tokenize_conversation
 
@@ -34,7 +34,7 @@ class LazySupervisedDataset(Dataset):
         image_processor: BaseImageProcessor,
         version: str,
         image_token_id: int,
-        num_image_tokens: int,
+        image_text: str,
         model_max_length: int,
         image_folder: str | os.PathLike | None = None,
         skip_bad_samples: bool = False,
@@ -50,7 +50,8 @@ class LazySupervisedDataset(Dataset):
         self.image_processor = image_processor
         self.template = get_template(version)
         self.image_token_id = image_token_id
-        self.num_image_tokens = num_image_tokens
+        self.image_text = image_text  # what one <image> becomes (the model processor's image text)
+        self.image_tokens = image_text.count(DEFAULT_IMAGE_TOKEN)
         self.model_max_length = model_max_length
         self.image_folder = image_folder
         self.skip_bad_samples = skip_bad_samples
@@ -65,7 +66,7 @@ class LazySupervisedDataset(Dataset):
         lengths = []
         for sample in self.samples:
             words = sum(len(str(turn.get("value", "")).split()) for turn in sample.get("conversations", []))
-            lengths.append(words + self.num_image_tokens if "image" in sample else -max(words, 1))
+            lengths.append(words + self.image_tokens if "image" in sample else -max(words, 1))
         return lengths
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -91,7 +92,7 @@ class LazySupervisedDataset(Dataset):
                 raise ValueError("a sample must be a JSON object")
             conv = build_conversation(sample.get("conversations"), self.template, has_image=image_file is not None)
             tokens = tokenize_conversation(
-                conv, self.tokenizer, self.image_token_id, self.num_image_tokens, self.model_max_length
+                conv, self.tokenizer, self.image_token_id, self.image_text, self.model_max_length
             )
             item = {"input_ids": torch.tensor(tokens.input_ids), "labels": torch.tensor(tokens.labels)}
             if image_file is not None:

@@ -4,8 +4,9 @@ The prompt is rendered once by `llava_uta.conversation` and tokenized in one pie
 time; a token is supervised when its characters overlap an answer span the template reports (the answer and its
 closing separator, e.g. `</s>` for v1). That replaces LLaVA's per-round length arithmetic, which silently masks
 whole samples when a tokenizer splits differently ("tokenization mismatch", docs/llava.md#known-pitfalls).
-Each `<image>` is one added special token, expanded here to the tower's number of image tokens, as
-transformers' Llava expects (`image_token_id`, `image_seq_length`).
+Each `<image>` is one added special token; before tokenizing, each is replaced by the text the model's processor puts
+in its place (the tower's number of image tokens, as transformers' Llava expects, with grid tags the text tags between
+them), so that training tokenizes the prompt exactly as generation does.
 """
 
 from __future__ import annotations
@@ -56,29 +57,30 @@ def build_conversation(turns: list[dict], template: Conversation, has_image: boo
     return conv
 
 
+def expand_images(prompt: str, spans: list[tuple[int, int]], image_text: str) -> tuple[str, list[tuple[int, int]]]:
+    """The prompt with each `<image>` replaced by `image_text`, and the answer spans moved with it."""
+    growth = len(image_text) - len(DEFAULT_IMAGE_TOKEN)
+    moved = [(a + growth * prompt[:a].count(DEFAULT_IMAGE_TOKEN), b + growth * prompt[:b].count(DEFAULT_IMAGE_TOKEN))
+             for a, b in spans]
+    return prompt.replace(DEFAULT_IMAGE_TOKEN, image_text), moved
+
+
 def tokenize_conversation(
-    conv: Conversation, tokenizer, image_token_id: int, num_image_tokens: int, max_length: int
+    conv: Conversation, tokenizer, image_token_id: int, image_text: str, max_length: int
 ) -> TokenizedSample:
-    """Token ids with each `<image>` expanded to `num_image_tokens`, and labels (IGNORE_INDEX off the answers)."""
-    prompt, spans = conv.render()
+    """Token ids with each `<image>` expanded to `image_text`, and labels (IGNORE_INDEX off the answers)."""
+    rendered, rendered_spans = conv.render()
+    prompt, spans = expand_images(rendered, rendered_spans, image_text)
     encoding = tokenizer(prompt, return_offsets_mapping=True)
-    input_ids: list[int] = []
-    labels: list[int] = []
-    image_starts: list[int] = []
-    for token, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"], strict=True):
-        if token == image_token_id:
-            image_starts.append(len(input_ids))
-            input_ids += [token] * num_image_tokens
-            labels += [IGNORE_INDEX] * num_image_tokens
-            continue
-        supervised = end > start and any(start < b and end > a for a, b in spans)
-        input_ids.append(token)
-        labels.append(token if supervised else IGNORE_INDEX)
-    if len(image_starts) != prompt.count(DEFAULT_IMAGE_TOKEN):
+    input_ids: list[int] = encoding["input_ids"]
+    labels = [token if end > start and any(start < b and end > a for a, b in spans) else IGNORE_INDEX
+              for token, (start, end) in zip(input_ids, encoding["offset_mapping"], strict=True)]
+    expected = rendered.count(DEFAULT_IMAGE_TOKEN) * image_text.count(DEFAULT_IMAGE_TOKEN)
+    if input_ids.count(image_token_id) != expected:
         raise ValueError(f"the tokenizer does not keep {DEFAULT_IMAGE_TOKEN} as the single token {image_token_id}")
 
     truncated = len(input_ids) > max_length
-    if any(start + num_image_tokens > max_length for start in image_starts):
+    if image_token_id in input_ids[max_length:]:
         raise ValueError(f"model_max_length {max_length} would cut the image tokens ({len(input_ids)} tokens)")
     input_ids, labels = input_ids[:max_length], labels[:max_length]
     if all(label == IGNORE_INDEX for label in labels):

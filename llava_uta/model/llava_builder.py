@@ -109,14 +109,18 @@ def build_llava(
     select_layer: int = -2,
     select_feature: str = "patch",
     dtype: torch.dtype | None = None,
+    grid_tags: bool = False,
 ) -> LlavaForConditionalGeneration:
-    """A Llava model around the given LM and tower, with a freshly initialised projector."""
+    """A Llava model around the given LM and tower, with a freshly initialised projector (`grid_tags`: the model's
+    processor tags each image token with its grid cell, llava_uta.model.processors)."""
     factor = merge_factor(projector_type)
     merging = MERGE_PROJECTOR.fullmatch(projector_type) is not None
     if select_feature not in SELECT_FEATURES:
         raise ValueError(f"mm_vision_select_feature must be one of {sorted(SELECT_FEATURES)}, got {select_feature!r}")
     if merging and select_feature != "patch":
         raise ValueError(f"{projector_type} merges patch tokens: it needs mm_vision_select_feature patch (no CLS)")
+    if grid_tags and select_feature != "patch":
+        raise ValueError("mm_grid_tags tags patch tokens: it needs mm_vision_select_feature patch (no CLS)")
     lm = load_language_model(language_model, dtype)
     tower = load_vision_tower(vision_tower).requires_grad_(False).eval().to(lm.dtype)  # frozen, no drop-path
     image_token_id = add_image_token(tokenizer)
@@ -135,6 +139,7 @@ def build_llava(
         tie_word_embeddings=lm.config.tie_word_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         mm_projector_type=projector_type,
+        mm_grid_tags=grid_tags,
         mm_vision_tower=_path_or_none(vision_tower),  # where a LoRA merge finds the base parts again
         mm_language_model=_path_or_none(language_model),
     )
@@ -183,7 +188,7 @@ def rebuild_llava(
     model_base, vision_tower = recorded_parts(config, model_base, vision_tower)
     select_feature = {v: k for k, v in SELECT_FEATURES.items()}[config.vision_feature_select_strategy]
     return build_llava(model_base, vision_tower, tokenizer, config.mm_projector_type, config.vision_feature_layer,
-                       select_feature, dtype)
+                       select_feature, dtype, getattr(config, "mm_grid_tags", False))
 
 
 NON_LORA_FILE = "non_lora_trainables.safetensors"  # a LoRA run's projector (and unfrozen tower), beside the adapter

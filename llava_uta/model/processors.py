@@ -3,17 +3,26 @@
 Training, serving and evaluation build their processors here, so an image is preprocessed the same way everywhere.
 `--image_aspect_ratio pad` pads to a square with the processor's mean colour before the resize and crop (LLaVA's
 expand2square), `square` leaves the image to the resize + centre crop; both are one `LlavaImageProcessor`
-(`do_pad` on or off).
+(`do_pad` on or off). With grid tags (`--mm_grid_tags`) `<image>` expands, as in Idefics3 and SmolVLM, to a
+`<row_r_col_c>` text tag before each image token and a newline after each row of the (merged) patch grid.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from transformers import BaseImageProcessor, CLIPImageProcessor, LlavaImageProcessor, LlavaProcessor
-from transformers.image_utils import PILImageResampling
+from transformers import (
+    AutoProcessor,
+    BaseImageProcessor,
+    CLIPImageProcessor,
+    LlavaImageProcessor,
+    LlavaProcessor,
+)
+from transformers.image_utils import PILImageResampling, get_image_size, to_numpy_array
 
+from llava_uta.model.merge_llava import LlavaMergeConfig
 from llava_uta.model.projector import merge_factor
 
 ASPECT_RATIOS = ("square", "pad")
@@ -56,14 +65,42 @@ def make_image_processor(base: BaseImageProcessor, image_aspect_ratio: str) -> L
     return LlavaImageProcessor(**settings, do_pad=image_aspect_ratio == "pad")
 
 
+class LlavaGridTagProcessor(LlavaProcessor):
+    """A LlavaProcessor whose `<image>` expands to `<row_r_col_c><image>` for each image token of the grid, row by
+    row, a newline after each row: the LLM is told in text where each image token sits."""
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        if self.vision_feature_select_strategy != "default":
+            raise ValueError("grid tags tag patch tokens: they need vision_feature_select_strategy 'default' (no CLS)")
+        height, width = get_image_size(to_numpy_array(image_inputs["pixel_values"][image_idx]))
+        rows, cols = height // self.patch_size, width // self.patch_size
+        return "".join(
+            "".join(f"<row_{r}_col_{c}>{self.image_token}" for c in range(1, cols + 1)) + "\n"
+            for r in range(1, rows + 1)
+        )
+
+
+# by class name, so that AutoProcessor.from_pretrained finds a saved LlavaGridTagProcessor
+AutoProcessor.register(LlavaMergeConfig, LlavaGridTagProcessor, exist_ok=True)
+
+
 def make_processor(model, tokenizer, tower_processor, image_aspect_ratio: str) -> LlavaProcessor:
     """Tokenizer + image processor saved with the model; expands `<image>` exactly as training does (a token-merging
     projector's image token covers F x F patches: the processor counts patches of F times the side)."""
     factor = merge_factor(getattr(model.config, "mm_projector_type", "mlp2x_gelu"))  # llava-hf folders: LLaVA-1.5
-    return LlavaProcessor(
+    processor_class = LlavaGridTagProcessor if getattr(model.config, "mm_grid_tags", False) else LlavaProcessor
+    return processor_class(
         image_processor=make_image_processor(tower_processor, image_aspect_ratio),
         tokenizer=tokenizer,
         patch_size=model.config.vision_config.patch_size * factor,
         vision_feature_select_strategy=model.config.vision_feature_select_strategy,
         num_additional_image_tokens=1,  # the CLS token of the UTA / CLIP tower
     )
+
+
+
+def image_text(processor: LlavaProcessor) -> str:
+    """The text the processor puts in place of one `<image>` (training expands `<image>` to the same)."""
+    size = processor.image_processor.crop_size
+    pixels = np.zeros((3, size["height"], size["width"]), dtype=np.float32)
+    return processor.replace_image_token({"pixel_values": [pixels]}, 0)

@@ -27,6 +27,8 @@ class ModelArguments:
     )
     mm_vision_select_layer: int = field(default=-2, metadata={"help": "tower hidden state fed to the projector"})
     mm_vision_select_feature: str = field(default="patch", metadata={"help": "patch (drop CLS) or cls_patch"})
+    mm_grid_tags: bool = field(default=False, metadata={
+        "help": "a <row_r_col_c> text tag before each image token, as Idefics3 / SmolVLM (saved with the model)"})
     pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "stage-1 mm_projector.bin"})
     tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "stage 1: train the projector only"})
     freeze_backbone: bool = field(default=False, metadata={"help": "freeze the LLM"})

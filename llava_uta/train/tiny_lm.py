@@ -282,8 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.sft_json:
         start = time.time()
         dataset = LazySupervisedDataset(args.sft_json, tokenizer, None, args.version,
-                                        tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN), 0,
-                                        config.max_position_embeddings)
+                                        tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN), "",
+                                        config.max_position_embeddings)  # text-only conversations
         losses = instruction_tune(model, dataset, tokenizer.pad_token_id, args.sft_steps, args.sft_batch_size,
                                   args.sft_lr, args.seed)
         log += [{"step": len(log) + i + 1, "stage": "instruct", "loss": x} for i, x in enumerate(losses)]

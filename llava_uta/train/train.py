@@ -36,7 +36,7 @@ from llava_uta.model.checkpoint import load_state_dict_file, save_state_dict_fil
 from llava_uta.model.language_model import is_gguf, load_tokenizer
 from llava_uta.model.llava_builder import NON_LORA_FILE, build_llava
 from llava_uta.model.merge_llava import LLAVA_MODEL_TYPES
-from llava_uta.model.processors import make_processor
+from llava_uta.model.processors import image_text, make_processor
 from llava_uta.model.projector import load_llava_projector, projector_to_llava, trainable_projector_parameters
 from llava_uta.preemption import Preempted, PreemptionSignal, exit_preempted
 from llava_uta.train.args import DataArguments, ModelArguments, TrainingArguments
@@ -65,6 +65,7 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments):
         model_args.mm_vision_select_layer,
         model_args.mm_vision_select_feature,
         dtype,
+        model_args.mm_grid_tags,
     )
     return model, tokenizer, AutoImageProcessor.from_pretrained(model_args.vision_tower)
 
@@ -206,7 +207,7 @@ def build_trainer(
         processor.image_processor,
         model_args.version,
         image_token_id=model.config.image_token_id,
-        num_image_tokens=model.config.image_seq_length,
+        image_text=image_text(processor),
         model_max_length=training_args.model_max_length,
         image_folder=data_args.image_folder,
         skip_bad_samples=data_args.skip_bad_samples,
