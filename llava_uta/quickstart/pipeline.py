@@ -401,7 +401,8 @@ class Pipeline:
         p, prof, r, lm = self.paths, self.profile, RECIPE, self.lm
         projector = "mlp2x_gelu" if tower == "symbolic" else r.projector_type  # symbolic: one token per cell already
         common = ["--model_name_or_path", str(p.lm), "--vision_tower", str(p.tower(tower)),
-                  "--mm_projector_type", projector, "--image_folder", str(self.image_folder(tower)),
+                  "--mm_projector_type", projector, "--mm_grid_tags", str(r.grid_tags),
+                  "--image_folder", str(self.image_folder(tower)),
                   "--output_dir", str(p.llava(tower, stage)), "--lr_scheduler_type", "cosine", "--logging_steps", "10",
                   "--save_strategy", "no", "--report_to", "none", "--seed", str(self.seed),
                   "--disable_tqdm", "False", "--log_level", "warning"]

@@ -29,6 +29,7 @@ class Recipe:
     classify_smoothing: float = 0.1
     classify_crop_min_scale: float = 0.5
     projector_type: str = "pixel_shuffle4_mlp2x_gelu"  # 64 patch tokens -> 4 image tokens, one per quadrant
+    grid_tags: bool = False  # --mm_grid_tags: a <row_r_col_c> text tag before each image token
     stage1_warmup_divisor: int = 10
     stage1_weight_decay: float = 0.0
     stage2_warmup_divisor: int = 20
