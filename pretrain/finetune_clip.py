@@ -54,7 +54,7 @@ from llava_uta.model.official import (
     UTACLIP,
     load_official_checkpoint,
     openclip_text_tower,
-    save_released,
+    save_official,
 )
 from llava_uta.model.openclip_loader import create_openclip, openclip_tokenizer
 from llava_uta.model.uta_vit import UTAViT
@@ -316,7 +316,7 @@ class CLIPFinetuner(StepTrainer):
         if self.probe:
             summary["zeroshot"] = self.zeroshot()
         if self.rank == 0:
-            save_released(self.model, self.out / "uta_clip.safetensors")
+            save_official(self.model, self.out / "uta_clip.safetensors")
             write_json_atomic(self.out / "summary.json", summary)
         logger.close()
         if dist.is_available() and dist.is_initialized():

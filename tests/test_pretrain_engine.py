@@ -13,6 +13,7 @@ from run_helpers import cli_flags, engine_args, kill_when_written
 from timm.layers import drop_path
 from transformers import HfArgumentParser
 
+import pretrain.engine
 from llava_uta.model.checkpoint import load_state_dict_file
 from llava_uta.model.uta_vit import build_uta_vit
 from pretrain.engine import PretrainArguments, Pretrainer
@@ -163,7 +164,11 @@ def test_mim_masks_blocks_by_default_and_min_block_follows_beit(world, teacher_d
     assert uta.dataset.masks.kind == "reversed_block" and uta.dataset.masks.min_block == 3
 
 
-def test_a_wall_clock_budget_stops_the_run_and_decays_the_lr_over_time(world, teacher_dir, tmp_path):
+def test_a_wall_clock_budget_stops_the_run_and_decays_the_lr_over_time(world, teacher_dir, tmp_path, monkeypatch):
+    # the engine's clock advances 0.05 s a reading, so the run's seconds (and its step count) do not depend on how
+    # busy the machine is: a loaded CPU made a real 1.5 s budget end after one or two steps
+    readings = iter(0.05 * i for i in range(1, 1_000_000))
+    monkeypatch.setattr(pretrain.engine.time, "perf_counter", lambda: next(readings))
     trainer = Pretrainer(engine_args(world, teacher_dir, tmp_path / "run", max_steps=10_000, warmup_steps=1,
                                      max_train_seconds=1.5, lr=1e-3, min_lr=1e-5))
     summary = trainer.train()

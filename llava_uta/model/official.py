@@ -176,7 +176,7 @@ def load_official_checkpoint(path: str | os.PathLike, text_heads: int | None = N
     """A released UTA checkpoint as a UTACLIP (vision + text + logit_scale), loaded strictly, in eval mode.
 
     The text tower's head count is not in the weights: `text_heads`, else the `text_heads` entry of a .safetensors
-    file's metadata (what `save_released` writes), else one head per 64 channels as in every released model.
+    file's metadata (what `save_official` writes), else one head per 64 channels as in every released model.
     """
     source = str(path)
     visual_sd, text_sd, logit_scale = split_official(load_state_dict_file(path), source)
@@ -207,7 +207,7 @@ def export_official(visual: UTAViT, clip_text: nn.Module | None = None, logit_sc
     return out
 
 
-def save_released(clip: UTACLIP, path: str | os.PathLike) -> None:
+def save_official(clip: UTACLIP, path: str | os.PathLike) -> None:
     """Write a UTACLIP in the released key layout as .safetensors, atomically, its text head count in the metadata."""
     state = export_official(clip.visual, clip.text, float(clip.logit_scale))
     save_state_dict_file(state, path, metadata={"format": "pt", "text_heads": str(clip.text.heads)})

@@ -1,6 +1,6 @@
 """`llava-uta-quickstart`: ShapesWorld -> teacher CLIP -> UTA student -> LLaVA stages 1 and 2 -> LLaVA-Bench.
 
-    llava-uta-quickstart                 # the default profile (about 29 minutes on 2 CPU cores)
+    llava-uta-quickstart                 # the default profile: LLaVA on SmolLM2 (about an hour on 2 CPU cores)
     llava-uta-quickstart --compare       # + MIM, feature distillation and CLS-only students, block and random
                                          #   masking, and LLaVA with the teacher's tower instead of UTA's
     llava-uta-quickstart --fast          # a small world and a few steps per stage (tests, about 3 minutes)
