@@ -98,7 +98,6 @@ def make_processor(model, tokenizer, tower_processor, image_aspect_ratio: str) -
     )
 
 
-
 def image_text(processor: LlavaProcessor) -> str:
     """The text the processor puts in place of one `<image>` (training expands `<image>` to the same)."""
     size = processor.image_processor.crop_size
