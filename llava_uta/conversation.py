@@ -189,11 +189,16 @@ def get_template(version: str) -> Conversation:
     return conv_templates[version].copy()
 
 
-def generation_prompt(version: str, turns: list[str]) -> str:
-    """The prompt for the next answer: `turns` alternate user, assistant, ..., and end with a user turn."""
+def generation_prompt(version: str, turns: list[str], system: str | None = None) -> str:
+    """The prompt for the next answer: `turns` alternate user, assistant, ..., and end with a user turn.
+
+    `system` (if given) replaces the template's system prompt.
+    """
     if len(turns) % 2 != 1:
         raise ValueError("turns must end with a user turn (an odd number of turns)")
     conv = get_template(version)
+    if system is not None:
+        conv.system = system
     for i, message in enumerate([*turns, None]):
         conv.append_message(conv.roles[i % 2], message)
     return conv.get_prompt()

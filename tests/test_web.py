@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -24,6 +22,8 @@ try:
     from playwright.sync_api import Page, expect, sync_playwright
 except ImportError:  # the browser tests skip below
     sync_playwright = None
+
+from serving_helpers import free_port, wait_until_serving
 
 from llava_uta.data.shapes.writer import BENCH_DIR
 from llava_uta.serve.chat import ChatSession
@@ -45,25 +45,6 @@ else:
     NO_BROWSER = ""
     expect.set_options(timeout=60_000)  # a busy 2-core machine: the first answer can take a while
 needs_browser = pytest.mark.skipif(bool(NO_BROWSER), reason=NO_BROWSER)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_serving(url: str, process: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"the app exited:\n{log.read_text()}"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout} s:\n{log.read_text()}")
 
 
 @contextmanager

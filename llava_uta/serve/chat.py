@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -36,30 +36,47 @@ class GenerationSettings:
     temperature: float = 0.2
     top_p: float = 0.7
     max_new_tokens: int = 512
+    stop: tuple[str, ...] = ()  # more stop strings, besides the template's
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1:
             raise ValueError(f"need temperature >= 0, 0 < top_p <= 1 and max_new_tokens >= 1, got {self}")
 
 
-def final_text(raw: str, stop: str | None) -> str:
-    """The answer in decoded model output: up to the stop string, without surrounding whitespace."""
+@dataclass
+class Completion:
+    """What the last answer cost and why it ended ("stop": end of sequence or a stop string; "length": the limit)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+Stops = str | Sequence[str] | None
+
+
+def _as_tuple(stop: Stops) -> tuple[str, ...]:
+    return (stop,) if isinstance(stop, str) else tuple(s for s in stop or () if s)
+
+
+def final_text(raw: str, stop: Stops) -> str:
+    """The answer in decoded model output: up to the first stop string, without surrounding whitespace."""
     text = raw.lstrip()
-    if stop and stop in text:
-        text = text[: text.index(stop)]
+    cuts = [text.index(s) for s in _as_tuple(stop) if s in text]
+    if cuts:
+        text = text[: min(cuts)]
     return text.rstrip()
 
 
-def safe_prefix(raw: str, stop: str | None) -> str:
+def safe_prefix(raw: str, stop: Stops) -> str:
     """The part of a still-growing output that is certain to begin `final_text` (holds back a partial stop)."""
+    stops = _as_tuple(stop)
     text = raw.lstrip()
-    if stop and stop in text:
-        return final_text(raw, stop)
+    if any(s in text for s in stops):
+        return final_text(raw, stops)
     text = text.rstrip()
-    for k in range(min(len(stop or ""), len(text) + 1) - 1, 0, -1):
-        if text.endswith(stop[:k]):
-            return text[:-k].rstrip()
-    return text
+    held = max((k for s in stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])), default=0)
+    return text[: len(text) - held].rstrip() if held else text
 
 
 class Cancelled(StoppingCriteria):
@@ -74,12 +91,17 @@ class Cancelled(StoppingCriteria):
 
 @dataclass
 class ChatSession:
-    """A conversation about (at most) one image; all model logic of serving and evaluation."""
+    """A conversation about (at most) one image; all model logic of serving and evaluation.
+
+    `system` replaces the template's system prompt; `last` says what the latest answer cost and why it ended.
+    """
 
     loaded: LoadedModel
     conv_mode: str | None = None
     image: Image.Image | None = None
     turns: list[str] = field(default_factory=list)  # user, assistant, user, assistant, ...
+    system: str | None = None
+    last: Completion | None = None
 
     def __post_init__(self) -> None:
         self.conv_mode = self.conv_mode or self.loaded.conv_mode
@@ -101,25 +123,39 @@ class ChatSession:
     def prompt(self, question: str) -> str:
         """The full prompt for `question` as the next user turn (the image token goes before the first one)."""
         first = question if self.turns or self.image is None else f"{DEFAULT_IMAGE_TOKEN}\n{question}"
-        return generation_prompt(self.conv_mode, [*self._history_with_image(), first])
+        return generation_prompt(self.conv_mode, [*self._history_with_image(), first], self.system)
+
+    def prompt_tokens(self, question: str) -> int:
+        """How many tokens the model reads for `question` (image tokens included)."""
+        return self._inputs(self.prompt(question))["input_ids"].shape[1]
 
     def ask(
-        self, question: str, temperature: float = 0.2, top_p: float = 0.7, max_new_tokens: int = 512
+        self,
+        question: str,
+        temperature: float = 0.2,
+        top_p: float = 0.7,
+        max_new_tokens: int = 512,
+        stop: Sequence[str] = (),
     ) -> Iterator[str]:
         """Stream the answer to `question` piece by piece; it joins the history once complete."""
-        settings = GenerationSettings(temperature, top_p, max_new_tokens)
+        settings = GenerationSettings(temperature, top_p, max_new_tokens, tuple(stop))
         return self._stream(question, settings)
 
-    def answer(self, question: str, temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 512) -> str:
+    def answer(
+        self,
+        question: str,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 512,
+        stop: Sequence[str] = (),
+    ) -> str:
         """The whole answer to `question` (greedy by default), added to the history."""
-        settings = GenerationSettings(temperature, top_p, max_new_tokens)
+        settings = GenerationSettings(temperature, top_p, max_new_tokens, tuple(stop))
         inputs = self._inputs(self.prompt(question))
         with torch.inference_mode():
             output = self.loaded.model.generate(**inputs, **self._generate_kwargs(settings))
-        new_tokens = output[0, inputs["input_ids"].shape[1] :]
-        text = final_text(self.loaded.tokenizer.decode(new_tokens, skip_special_tokens=True), self.stop)
-        self.turns += [question, text]
-        return text
+        raw = self.loaded.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        return self._finish(question, raw, inputs, output, settings)
 
     def regenerate(self, temperature: float = 0.2, top_p: float = 0.7, max_new_tokens: int = 512) -> Iterator[str]:
         """Drop the last answer and stream a new one to the same question."""
@@ -134,6 +170,9 @@ class ChatSession:
             return list(self.turns)
         return [f"{DEFAULT_IMAGE_TOKEN}\n{self.turns[0]}", *self.turns[1:]]
 
+    def _stops(self, settings: GenerationSettings) -> tuple[str, ...]:
+        return (*_as_tuple(self.stop), *settings.stop)
+
     def _stream(self, question: str, settings: GenerationSettings) -> Iterator[str]:
         inputs = self._inputs(self.prompt(question))
         streamer = TextIteratorStreamer(
@@ -143,22 +182,23 @@ class ChatSession:
         kwargs = {**self._generate_kwargs(settings), "streamer": streamer,
                   "stopping_criteria": StoppingCriteriaList([Cancelled(cancel)])}
         failure: list[BaseException] = []
+        output: list[torch.Tensor] = []
 
         def run() -> None:
             try:
                 with torch.inference_mode():
-                    self.loaded.model.generate(**inputs, **kwargs)
+                    output.append(self.loaded.model.generate(**inputs, **kwargs))
             except BaseException as err:  # handed to the consumer below instead of dying silently in the thread
                 failure.append(err)
                 streamer.end()
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        raw, sent = "", 0
+        raw, sent, stops = "", 0, self._stops(settings)
         try:
             for piece in streamer:
                 raw += piece
-                ready = safe_prefix(raw, self.stop)
+                ready = safe_prefix(raw, stops)
                 if len(ready) > sent:
                     yield ready[sent:]
                     sent = len(ready)
@@ -167,10 +207,20 @@ class ChatSession:
             thread.join()
         if failure:
             raise failure[0]
-        text = final_text(raw, self.stop)
+        text = self._finish(question, raw, inputs, output[0], settings)
         if len(text) > sent:
             yield text[sent:]
+
+    def _finish(self, question: str, raw: str, inputs, output: torch.Tensor, settings: GenerationSettings) -> str:
+        """The answer in `raw`, added to the history with its token counts in `last`."""
+        stops = self._stops(settings)
+        text = final_text(raw, stops)
+        new = output[0, inputs["input_ids"].shape[1] :]
+        ended = bool(len(new)) and new[-1].item() in _as_ids(self.loaded.model.generation_config.eos_token_id)
+        stopped = ended or any(s in raw for s in stops) or len(new) < settings.max_new_tokens
+        self.last = Completion(inputs["input_ids"].shape[1], len(new), "stop" if stopped else "length")
         self.turns += [question, text]
+        return text
 
     def _inputs(self, prompt: str) -> dict[str, torch.Tensor]:
         if self.image is None:
@@ -180,15 +230,20 @@ class ChatSession:
     def _generate_kwargs(self, settings: GenerationSettings) -> dict:
         config = copy.deepcopy(self.loaded.model.generation_config)
         sampling = settings.temperature > 0
+        stops = self._stops(settings)
         config.update(
             do_sample=sampling,
             temperature=settings.temperature if sampling else 1.0,
             top_p=settings.top_p if sampling else 1.0,
             max_new_tokens=settings.max_new_tokens,
-            stop_strings=[self.stop] if self.stop else None,
+            stop_strings=list(stops) or None,
             pad_token_id=self.loaded.tokenizer.pad_token_id,
         )
         return {"generation_config": config, "tokenizer": self.loaded.tokenizer}
+
+
+def _as_ids(eos: int | list[int] | None) -> set[int]:
+    return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
 
 
 def to_model(inputs, model: torch.nn.Module) -> dict[str, torch.Tensor]:

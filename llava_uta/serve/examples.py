@@ -57,11 +57,11 @@ def trained_shapes_dir(model_path: str | os.PathLike) -> Path | None:
     return next((Path(f) for f in folders if f and is_shapes_world(Path(f))), None)
 
 
-def shapes_source(model_path: str | os.PathLike, shapes_dir: Path | None) -> tuple[Path | None, str]:
+def shapes_source(model_path: str | os.PathLike | None, shapes_dir: Path | None) -> tuple[Path | None, str]:
     """The ShapesWorld folder to take examples from (None: photos), and why, as a line for the user."""
     if shapes_dir is not None:
         return shapes_dir, f"ShapesWorld examples from --shapes-dir {shapes_dir}"
-    trained = trained_shapes_dir(model_path)
+    trained = trained_shapes_dir(model_path) if model_path else None
     if trained is not None:
         return trained, f"ShapesWorld examples from {trained}, the model's training data"
     return None, "photo examples (the model records no ShapesWorld training data; --shapes-dir picks ShapesWorld)"

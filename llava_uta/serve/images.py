@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import IO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -26,13 +27,16 @@ class UploadError(ValueError):
     """An upload that is not a usable image; the message is meant for the user."""
 
 
-def open_upload(path: str | os.PathLike) -> Image.Image:
-    """The fully decoded RGB image at `path`, or UploadError saying why it cannot be used."""
-    name = os.path.basename(path)
+def open_upload(source: str | os.PathLike | IO[bytes], name: str | None = None) -> Image.Image:
+    """The fully decoded RGB image in `source` (a path or a binary file), or UploadError saying why it cannot be used.
+
+    `name` is what the error messages call it (default: the file's name).
+    """
+    name = name or os.path.basename(source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 width, height = image.size
                 if width * height > MAX_PIXELS:
                     raise UploadError(_too_large(name, width * height))

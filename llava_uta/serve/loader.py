@@ -145,9 +145,9 @@ def load_pretrained_model(
     return LoadedModel(model, processor, conv_mode, context_len)
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags that choose and load a model (shared by the chat and the bench answerer)."""
-    parser.add_argument("--model-path", required=True, help="stage-2, LoRA or stage-1 output folder")
+def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """The flags that choose and load a model (shared by the chat, the servers and the bench answerer)."""
+    parser.add_argument("--model-path", required=required, help="stage-2, LoRA or stage-1 output folder")
     parser.add_argument("--model-base",
                         help="base LLM (folder or GGUF file) of a LoRA / stage-1 folder (default: recorded in its "
                         "config.json)")

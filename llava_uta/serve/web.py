@@ -3,12 +3,15 @@
     llava-uta-web --model-path checkpoints/llava-uta                       # http://127.0.0.1:7860
     llava-uta-web --model-path checkpoints/llava-uta-lora --host 0.0.0.0 --port 8000 --concurrency 4
     llava-uta-web --model-path checkpoints/llava-uta --shapes-dir playground/data/shapes --share
+    llava-uta-web --api-url http://gpu1:8000 http://gpu2:8000 --api-key "$KEY"     # llava-uta-serve servers
 
 The examples under the chat are ShapesWorld bench images and questions when `--shapes-dir` is given or the model's
 config.json records ShapesWorld training data (llava-uta-train writes it), real photos otherwise (examples.py).
 
 Each browser session keeps its own ChatSession (in a gr.State) over the one loaded model; all generation goes
-through it. A new image, a new preprocessing mode or "Clear" starts a new conversation. Requests wait in
+through it. With `--api-url` the page loads no model: each conversation is a RemoteChatSession on one of the
+`llava-uta-serve` servers (api_client.py), LLaVA's controller and model workers with OpenAI's protocol in
+between. A new image, a new preprocessing mode or "Clear" starts a new conversation. Requests wait in
 Gradio's queue, `--concurrency` of them generating at a time. The named endpoint `/chat` answers one question
 about one image for scripts:
 
@@ -17,16 +20,21 @@ about one image for scripts:
                                              api_name="/chat")
 """
 
+from __future__ import annotations
+
 import argparse
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 from gradio import FileData
+from PIL import Image
+from transformers.image_utils import OPENAI_CLIP_MEAN
 
 from llava_uta.argparsing import ArgumentParser
+from llava_uta.serve.api_client import ApiServers, RemoteChatSession
 from llava_uta.serve.chat import ChatSession
 from llava_uta.serve.examples import example_rows, shapes_source
 from llava_uta.serve.images import MODES, open_upload, prepare
@@ -38,23 +46,29 @@ ROLES = ("user", "assistant")
 
 @dataclass
 class ImageChat:
-    """What the UI needs from the model: new sessions over the shared model, fed preprocessed images."""
+    """What the UI needs from a model: new sessions fed preprocessed images, on this machine or on API servers."""
 
-    loaded: LoadedModel
-    conv_mode: str | None = None
+    start: Callable[[Image.Image | None], ChatSession | RemoteChatSession]
+    pad_color: tuple[int, int, int]
 
-    @property
-    def pad_color(self) -> tuple[int, int, int]:
-        mean = getattr(self.loaded.processor.image_processor, "image_mean", (0.5, 0.5, 0.5))
-        return tuple(round(255 * m) for m in mean)
+    @classmethod
+    def local(cls, loaded: LoadedModel, conv_mode: str | None = None) -> ImageChat:
+        """Sessions over the model loaded here."""
+        mean = getattr(loaded.processor.image_processor, "image_mean", (0.5, 0.5, 0.5))
+        return cls(lambda image: ChatSession(loaded, conv_mode, image), tuple(round(255 * m) for m in mean))
 
-    def session(self, image_path: str | None, mode: str) -> ChatSession:
+    @classmethod
+    def remote(cls, servers: ApiServers) -> ImageChat:
+        """Sessions on OpenAI-compatible servers; "pad" fills with CLIP's mean colour, as LLaVA's towers expect."""
+        return cls(lambda image: RemoteChatSession(servers, image), tuple(round(255 * m) for m in OPENAI_CLIP_MEAN))
+
+    def session(self, image_path: str | None, mode: str) -> ChatSession | RemoteChatSession:
         """A new conversation about the image at `image_path` (none: text only); raises gr.Error for a bad file."""
         try:
             image = prepare(open_upload(image_path), mode, self.pad_color) if image_path else None
-        except ValueError as err:
+            return self.start(image)
+        except (ValueError, ConnectionError) as err:
             raise gr.Error(str(err)) from err
-        return ChatSession(self.loaded, self.conv_mode, image)
 
 
 def to_messages(turns: list[str]) -> Messages:
@@ -150,7 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(
         prog="llava-uta-web", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_model_arguments(parser)
+    add_model_arguments(parser, required=False)
+    parser.add_argument("--api-url", nargs="+", metavar="URL",
+                        help="talk to these llava-uta-serve (OpenAI-compatible) servers instead of loading a model; "
+                        "each new conversation goes to the next one")
+    parser.add_argument("--api-key", help="the servers' key (--api-url)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
@@ -162,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
         "on, if recorded; otherwise photos)",
     )
     args = parser.parse_args(argv)
+    if (args.model_path is None) == (args.api_url is None):
+        parser.error("give either --model-path (load the model here) or --api-url (use llava-uta-serve servers)")
 
     shapes_dir, why = shapes_source(args.model_path, args.shapes_dir)
     try:
@@ -169,7 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     except FileNotFoundError as err:
         parser.error(str(err))
     print(f"examples: {why}")
-    demo = build_demo(ImageChat(load_from_args(args), args.conv_mode), examples)
+    bot = ImageChat.remote(ApiServers(args.api_url, args.api_key)) if args.api_url else \
+        ImageChat.local(load_from_args(args), args.conv_mode)
+    demo = build_demo(bot, examples)
     demo.queue(default_concurrency_limit=args.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
 
