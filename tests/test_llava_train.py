@@ -106,14 +106,20 @@ def test_stage2_learns_keeps_the_tower_and_reloads_in_a_fresh_process(parts, sta
     torch.testing.assert_close(torch.load(tmp_path / "fresh.pt"), expected, atol=1e-6, rtol=1e-6)
 
 
+def _drop_path_tower(root: Path) -> Path:
+    """A tiny tower folder configured with drop-path (a student's drop_path_rate)."""
+    config = tiny_tower_config()
+    config.drop_path_rate = 0.1
+    tower_dir = root / "tower"
+    UTAVisionModel(config).save_pretrained(tower_dir)
+    clip_image_processor(32).save_pretrained(tower_dir)
+    return tower_dir
+
+
 def test_a_frozen_tower_with_drop_path_runs_in_eval_mode_in_every_training_step(parts, tmp_path):
     """The Trainer puts the whole model in train mode before its steps: a frozen tower configured with drop-path (a
     student's drop_path_rate) must still compute its features in eval mode, deterministically, in every step."""
-    config = tiny_tower_config()
-    config.drop_path_rate = 0.1
-    tower_dir = tmp_path / "tower"
-    UTAVisionModel(config).save_pretrained(tower_dir)
-    clip_image_processor(32).save_pretrained(tower_dir)
+    tower_dir = _drop_path_tower(tmp_path)
     trainer = build_trainer(*parse_args(llava_args({**parts, "tower": tower_dir}, tmp_path / "run", stage=2,
                                                    max_steps=3)))
     tower = trainer.model.model.vision_tower
@@ -274,6 +280,43 @@ def test_deepspeed_zero2_on_two_cpu_ranks(parts, stage1, tmp_path):
     reference = _reference(parts, "mlp2x_gelu").state_dict()
     tower = {f"model.vision_tower.{k}": v for k, v in model.model.vision_tower.state_dict().items()}
     assert any(not torch.equal(v, reference[k]) for k, v in tower.items())
+
+
+# one rank of a DeepSpeed run: the frozen tower's modes in every training forward, and the engine that ran them
+FROZEN_TOWER_RANK = """
+import argparse, json
+import torch.distributed as dist
+from llava_uta.distributed import end_process_group
+from llava_uta.train.train import build_trainer, parse_args
+parser = argparse.ArgumentParser()
+parser.add_argument("--record_dir", required=True)
+args, train_argv = parser.parse_known_args()  # the launcher's --local_rank goes on to the training arguments
+trainer = build_trainer(*parse_args(train_argv))
+modes = []
+trainer.model.model.vision_tower.register_forward_hook(
+    lambda module, args, out: modes.append([m.training for m in module.modules()]))
+trainer.train()
+record = {"modes": modes, "engine": type(trainer.model_wrapped).__name__,
+          "projector_training": trainer.model.model.multi_modal_projector.training}
+with open(f"{args.record_dir}/modes-{dist.get_rank()}.json", "w") as f:
+    json.dump(record, f)
+end_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_a_frozen_tower_stays_in_eval_mode_under_a_deepspeed_engine(parts, tmp_path):
+    """The drop-path test above, on two CPU ranks with ZeRO-2: the engine's own train() must not wake the tower."""
+    script = tmp_path / "rank.py"
+    script.write_text(FROZEN_TOWER_RANK)
+    args = llava_args({**parts, "tower": _drop_path_tower(tmp_path)}, tmp_path / "run", stage=2, max_steps=3,
+                      deepspeed="scripts/zero2.json")
+    _deepspeed([str(script), f"--record_dir={tmp_path}"], args)
+    for rank in (0, 1):
+        record = json.loads((tmp_path / f"modes-{rank}.json").read_text())
+        assert record["engine"] == "DeepSpeedEngine" and record["projector_training"]
+        assert len(record["modes"]) == 3 and not any(any(step) for step in record["modes"])
 
 
 ZERO3 = "scripts/zero3.json"
