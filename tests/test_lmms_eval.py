@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from serving_helpers import free_port
 
 from llava_uta.eval.llavabench.__main__ import main as bench_main
 from llava_uta.eval.llavabench.grounding import KINDS, score
@@ -48,9 +49,17 @@ def world(tiny_world) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model_dir(llava_runs) -> Path:
-    """A stage-2 folder after a few training steps (conftest.py)."""
-    return llava_runs["stage2"]
+def model_dir(llava_runs, tmp_path_factory) -> Path:
+    """A stage-2 folder after two steps at lr 1e-4 from conftest's stage 1: its answers differ from question to
+    question (at conftest's stage-2 rate, 1e-3, the tiny model gives one answer to everything)."""
+    from llava_helpers import llava_args
+
+    from llava_uta.train.train import train
+
+    out = tmp_path_factory.mktemp("lmms_model") / "stage2"
+    train(llava_args(llava_runs, out, stage=2, pretrain_mm_mlp_adapter=llava_runs["stage1"] / "mm_projector.bin",
+                     max_steps=2, learning_rate=1e-4))
+    return out
 
 
 def _questions(world: Path) -> list[dict]:
@@ -151,6 +160,57 @@ def test_cli_answers_equal_llava_uta_bench_answers(world, model_dir, env, tmp_pa
     for kind, row in expected["kinds"].items():
         assert grounding[f"{kind}_accuracy,none"] == pytest.approx(row["accuracy"])
     assert results["shapesworld_detail"]["object_f1,none"] == pytest.approx(expected["detail"]["object_f1"])
+
+
+# lmms-eval's CLI in one rank of `accelerate launch`, recording which questions this rank's model answered
+RECORDING_LAUNCHER = """
+import json, os, sys
+from llava_uta.eval.lmms.adapter import LlavaUtaLmms
+answer = LlavaUtaLmms.generate_until
+
+def recorded(self, requests):
+    with open(os.environ["ANSWERED_LOG"], "a") as log:
+        for request in requests:
+            doc = self.task_dict[request.args[4]][request.args[5]][request.args[3]]
+            log.write(json.dumps({"rank": self.rank, "world_size": self.world_size, "id": doc["question_id"]}) + "\\n")
+    return answer(self, requests)
+
+LlavaUtaLmms.generate_until = recorded
+from lmms_eval.__main__ import cli_evaluate
+sys.argv = ["lmms_eval", *sys.argv[1:]]
+cli_evaluate()
+"""
+
+
+@needs_lmms
+def test_two_ranks_split_the_documents_and_gather_every_answer_once(world, model_dir, env, tmp_path):
+    """Two CPU processes (torchrun, gloo): each question answered by one rank, the results gathered on rank 0.
+
+    lmms-eval (0.7.3) gives the model its rank and world size from the launcher's RANK / WORLD_SIZE and splits the
+    documents itself; this guards that the adapter keeps to its share (no collective of its own, no second copy)."""
+    out, log, launcher = tmp_path / "lmms", tmp_path / "answered.jsonl", tmp_path / "launch.py"
+    launcher.write_text(RECORDING_LAUNCHER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(launcher),
+           "--model", "llava_uta", "--model_args", f"pretrained={model_dir},device=cpu",
+           "--include_path", str(REPO / "llava_uta/eval/lmms/tasks"), "--tasks", "shapesworld_grounding",
+           "--batch_size", "2", "--output_path", str(out), "--log_samples"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env={**env, "ANSWERED_LOG": str(log)}, cwd=tmp_path,
+                         timeout=900)
+    assert run.returncode == 0 and "Error during evaluation" not in run.stdout, run.stdout[-4000:] + run.stderr[-4000:]
+    answered = [json.loads(line) for line in log.read_text().splitlines()]
+    short = [q["question_id"] for q in _questions(world) if q["kind"] != "detail"]
+    assert {a["world_size"] for a in answered} == {2} and {a["rank"] for a in answered} == {0, 1}
+    ranks = {}
+    for a in answered:
+        ranks.setdefault(a["id"], set()).add(a["rank"])
+    assert sorted(ranks) == sorted(short) and all(len(r) == 1 for r in ranks.values())  # each by one rank
+    assert len(answered) <= len(short) + 1  # lmms-eval repeats one request to even out the ranks' counts
+    samples = [json.loads(line) for path in out.rglob("*_samples_shapesworld_grounding.jsonl")
+               for line in path.read_text().splitlines()]
+    ours = {s["mean_accuracy"]["question_id"]: s["filtered_resps"] for s in samples}
+    assert ours == _bench_answers(world, model_dir, tmp_path / "bench", detail=False, max_new_tokens=16,
+                                  batch_size=2)
 
 
 @needs_lmms
