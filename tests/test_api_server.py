@@ -23,7 +23,7 @@ from PIL import Image
 from serving_helpers import free_port, wait_until_serving
 
 from llava_uta.eval.llavabench.__main__ import main as bench
-from llava_uta.serve.api_server import ServerSettings, create_app, main, parse_request
+from llava_uta.serve.api_server import ApiError, ServerSettings, create_app, main, parse_request
 from llava_uta.serve.chat import ChatSession
 from llava_uta.serve.loader import load_pretrained_model
 
@@ -243,7 +243,7 @@ def test_an_image_after_the_first_user_message_is_refused():
     settings = ServerSettings(MODEL)
     image = "data:image/png;base64," + base64.b64encode(png_bytes(8)).decode()
     body = {"model": MODEL, "messages": [user("hi"), {"role": "assistant", "content": "hello"}, user("and?", image)]}
-    with pytest.raises(Exception, match="first user message"):
+    with pytest.raises(ApiError, match="first user message"):
         parse_request(body, settings)
     request = parse_request({"model": MODEL, "messages": [user("hi", image)], "stop": ["a", "b"]}, settings)
     assert request.turns == ["hi"] and request.image.size == (8, 8) and request.stop == ("a", "b")

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import httpx
 from PIL import Image
 
+from llava_uta.serve.chat import Turns
+
 TIMEOUT_S = 600.0
 
 
@@ -77,7 +79,7 @@ def data_url(image: Image.Image) -> str:
 
 
 @dataclass
-class RemoteChatSession:
+class RemoteChatSession(Turns):
     """A conversation about (at most) one image, answered by one of `servers`."""
 
     servers: ApiServers
@@ -87,10 +89,6 @@ class RemoteChatSession:
     def __post_init__(self) -> None:
         self.url, self.model = self.servers.pick()
         self._cancel = threading.Event()
-
-    def cancel(self) -> None:
-        """Stop the answer being streamed; what it said so far joins the history."""
-        self._cancel.set()
 
     def messages(self, question: str) -> list[dict]:
         turns = [*self.turns, question]
@@ -107,14 +105,6 @@ class RemoteChatSession:
                 "top_p": top_p, "max_tokens": max_new_tokens, "stream": True}
         self._cancel = cancel = threading.Event()
         return self._stream(question, body, cancel)
-
-    def regenerate(self, temperature: float = 0.2, top_p: float = 0.7, max_new_tokens: int = 512) -> Iterator[str]:
-        """Drop the last answer and stream a new one to the same question."""
-        if not self.turns:
-            raise ValueError("nothing to regenerate: the conversation is empty")
-        question = self.turns[-2]
-        self.turns = self.turns[:-2]
-        return self.ask(question, temperature, top_p, max_new_tokens)
 
     def _stream(self, question: str, body: dict, cancel: threading.Event) -> Iterator[str]:
         answer = ""

@@ -89,8 +89,24 @@ class Cancelled(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+class Turns:
+    """What every chat session shares over its `turns`, its `ask` and its `_cancel` event."""
+
+    def cancel(self) -> None:
+        """Stop the answer being streamed (from any thread); what it said so far joins the history."""
+        self._cancel.set()
+
+    def regenerate(self, temperature: float = 0.2, top_p: float = 0.7, max_new_tokens: int = 512) -> Iterator[str]:
+        """Drop the last answer and stream a new one to the same question."""
+        if not self.turns:
+            raise ValueError("nothing to regenerate: the conversation is empty")
+        question = self.turns[-2]
+        self.turns = self.turns[:-2]
+        return self.ask(question, temperature, top_p, max_new_tokens)
+
+
 @dataclass
-class ChatSession:
+class ChatSession(Turns):
     """A conversation about (at most) one image; all model logic of serving and evaluation.
 
     `system` replaces the template's system prompt; `last` says what the latest answer cost and why it ended.
@@ -109,10 +125,6 @@ class ChatSession:
         if self.image is not None:
             self.image = self.image.convert("RGB")
         self._cancel = threading.Event()
-
-    def cancel(self) -> None:
-        """Stop the answer being streamed (from any thread); what it said so far joins the history."""
-        self._cancel.set()
 
     def reset(self, image: Image.Image | None = None) -> None:
         """Forget the conversation; a new image (if given) replaces the old one."""
@@ -156,14 +168,6 @@ class ChatSession:
             output = self.loaded.model.generate(**inputs, **self._generate_kwargs(settings))
         raw = self.loaded.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         return self._finish(question, raw, inputs, output, settings)
-
-    def regenerate(self, temperature: float = 0.2, top_p: float = 0.7, max_new_tokens: int = 512) -> Iterator[str]:
-        """Drop the last answer and stream a new one to the same question."""
-        if not self.turns:
-            raise ValueError("nothing to regenerate: the conversation is empty")
-        question = self.turns[-2]
-        self.turns = self.turns[:-2]
-        return self.ask(question, temperature, top_p, max_new_tokens)
 
     def _history_with_image(self) -> list[str]:
         if not self.turns or self.image is None:
