@@ -19,12 +19,14 @@ from llava_uta.eval.llavabench.jsonl import read_jsonl
 from llava_uta.quickstart import study
 from llava_uta.quickstart.pipeline import (
     EQUAL_WALL_CLOCK,
+    LADDER,
     PROBED,
     STUDENTS,
     TOWERS,
     Layout,
     Pipeline,
     RunState,
+    Stage,
     run_stages,
     tool_module,
 )
@@ -355,6 +357,7 @@ def test_report_tables_from_canned_results(tmp_path):
     (paths.data / "zeroshot" / "classnames.json").write_text(json.dumps([f"c{i}" for i in range(48)]))
     canned_uta_summary(paths)
     paths.teacher.mkdir(parents=True)
+    (paths.teacher / "open_clip_config.json").write_text("{}")
     (paths.teacher / "train_log.jsonl").write_text("".join(
         json.dumps({"step": i, "loss": 3.0 - i / 10, "seconds": i * 0.5}) + "\n" for i in range(1, 11)))
     for tower, accuracy in (("uta", 0.75), ("blind", 0.25)):
@@ -367,8 +370,14 @@ def test_report_tables_from_canned_results(tmp_path):
              "judge": "shapes"}) + "\n" for i in range(4)))
     state = {"profile": {"lm": "smollm2"}, "stages": {"world": {"title": "ShapesWorld", "seconds": 12.0},
                         "teacher": {"title": "teacher CLIP", "seconds": 30.0}}}
-    text = write_report(paths, state, "fast")
+    stages = Pipeline(paths, get_profile("fast")).stages(compare=True)
+    extra = tmp_path / "extra.json"  # a stage added to the list is a row of the sections it names, nothing else
+    extra.write_text(json.dumps(canned_grounding(0.5)))
+    stages.append(Stage("grounding-extra", "grounding, another tower", "llava-uta-bench", list, extra,
+                        {"grounding": "another tower"}))
+    text = write_report(paths, stages, state, "fast")
     assert text == paths.results.read_text()
+    assert "| another tower | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 |" in text
     assert "| teacher CLIP (frozen) | 10 | 5 |" in text
     assert "| UTA, reversed block masking (kept = blocks) | 60 | 12 | 300 | 0.12 | 0.250 | 0.600 | 50% |" in text
     assert "| UTA student tower | 75.0 | 75.0 | 75.0 | 75.0 | 50.0 |" in text
@@ -406,17 +415,18 @@ def test_study_tables_from_canned_runs(tmp_path):
 
 
 def test_the_shape_ladder_is_reported_once_its_three_steps_ran(tmp_path):
-    from llava_uta.quickstart.report import LADDER, write_report
+    from llava_uta.quickstart.report import write_report
 
     paths = Layout(tmp_path / "data", tmp_path / "runs")
     (paths.data / "zeroshot").mkdir(parents=True)
     (paths.data / "zeroshot" / "classnames.json").write_text(json.dumps(["a", "b"]))
     state = {"profile": {"lm": "smollm2"}, "stages": {}}
+    stages = Pipeline(paths, get_profile("default")).stages(compare=False, ladder=True)
     for i, key in enumerate(LADDER):
-        assert "The shape ladder" not in write_report(paths, state, "default")  # not before all three ran
+        assert "The shape ladder" not in write_report(paths, stages, state, "default")  # not before all three ran
         paths.grounding(key).parent.mkdir(parents=True, exist_ok=True)
         paths.grounding(key).write_text(json.dumps(canned_grounding(0.9 - 0.3 * i)))
-    text = write_report(paths, state, "default")
+    text = write_report(paths, stages, state, "default")
     assert "## The shape ladder" in text and "| (a) scene in words (stage 2 on words) | 90.0 |" in text
     assert "| (c) UTA tower, merged tokens | 30.0 |" in text
     assert "symbolic (each cell's facts, no pixels) tower" not in text  # a ladder row, not a tower row

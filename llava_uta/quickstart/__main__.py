@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     layout.runs.mkdir(parents=True, exist_ok=True)
     run_stages(stages, state)
-    print("\n" + write_report(layout, state.data, name), end="")
+    print("\n" + write_report(layout, stages, state.data, name), end="")
     print(f"results: {layout.results} (plots in {layout.plots})")
     if args.serve:
         from llava_uta.serve.web import main as serve

@@ -11,7 +11,7 @@ import json
 import shlex
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import import_module
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -42,6 +42,9 @@ EQUAL_WALL_CLOCK = ("mim", "fd", "cls")
 TOWERS = {"uta": "UTA student", "teacher": "teacher CLIP", "blind": "blind (image withheld)",
           "random": "random-init UTA ViT"}
 SYMBOLIC = "symbolic (each cell's facts, no pixels)"  # the shape ladder's diagnostic tower (--ladder)
+# the shape ladder's rows in results.md: the scene (a) in words, (b) as symbolic tokens, (c) as UTA's merged tokens
+LADDER = {"words": "(a) scene in words (stage 2 on words)", "symbolic": "(b) symbolic tokens, one per cell",
+          "uta": "(c) UTA tower, merged tokens"}
 PROBED = ("uta", "mim", "fd", "cls")  # students whose frozen features the probes read, beside the teacher's
 
 
@@ -54,6 +57,7 @@ class Stage:
     tool: str  # e.g. "llava-uta-pretrain"
     argv: Callable[[], list[str]]  # built when the stage runs: a budget may come from an earlier stage's output
     output: Path  # exists once the stage is done
+    report: dict[str, str] = field(default_factory=dict)  # results.md section -> this stage's row label there
 
     def command(self) -> str:
         """The equivalent shell command."""
@@ -211,14 +215,15 @@ class Pipeline:
             Stage("world", "ShapesWorld", "llava-uta-shapes", lambda: self.world_argv(p.data),
                   p.data / "manifest.json"),
             Stage("teacher", "teacher CLIP", "llava-uta-train-clip", self.teacher_argv,
-                  p.teacher / "open_clip_config.json"),
+                  p.teacher / "open_clip_config.json", {"zeroshot": "teacher CLIP (frozen)"}),
             self.student_stage("uta"),
             Stage("tower-uta", "UTA student -> LLaVA tower", "llava-uta-convert",
                   lambda: [str(p.student("uta") / "student.safetensors"), str(p.tower("uta"))],
                   p.tower("uta") / "config.json"),
             self.lm_stage(),
             Stage("lm-reading", f"{self.lm.title} answering from the scenes in words, no image (grounding "
-                  "--scene-in-words)", "llava-uta-bench", self.lm_reading_argv, p.lm_in_words),
+                  "--scene-in-words)", "llava-uta-bench", self.lm_reading_argv, p.lm_in_words,
+                  {"grounding": f"{self.lm.title} alone, the scene in words (no image)"}),
             *self.llava_stages("uta"),
         ]
         if compare:  # the LLaVA controls first (minutes), then the other students
@@ -234,15 +239,18 @@ class Pipeline:
                                  p.tower(tower) / "config.json"),
                            *self.llava_stages(tower)]
             stages.append(Stage("finetune-uta", "UTA student + teacher text, contrastive fine-tuning",
-                                "llava-uta-finetune-clip", self.finetune_argv, p.finetuned("uta") / "summary.json"))
+                                "llava-uta-finetune-clip", self.finetune_argv, p.finetuned("uta") / "summary.json",
+                                {"zeroshot": "UTA + contrastive fine-tuning (its own text tower)"}))
             stages += [self.student_stage(name) for name in STUDENTS if name != "uta"]
             stages += [Stage(f"classify-{init}", f"classification fine-tuning from {title}", "llava-uta-finetune-cls",
-                             lambda init=init: self.classify_argv(init), p.classifier(init) / "summary.json")
-                       for init, title in (("uta", "the UTA student"), ("random", "random init"))]
+                             lambda init=init: self.classify_argv(init), p.classifier(init) / "summary.json",
+                             {"classification": row})
+                       for init, title, row in (("uta", "the UTA student", "UTA student"),
+                                                ("random", "random init", "random init (same architecture)"))]
             stages += [Stage("probe-patch", "per-patch probes of the frozen towers", "llava-uta-patchprobe",
-                             self.patch_probe_argv, p.probe("patch")),
+                             self.patch_probe_argv, p.probe("patch"), {"probes": "per patch"}),
                        Stage("probe-linear", "linear probes of the frozen towers", "llava-uta-linprobe",
-                             self.linear_probe_argv, p.probe("linear"))]
+                             self.linear_probe_argv, p.probe("linear"), {"probes": "per image"})]
         return stages + (self.ladder_stages() if ladder else [])
 
     def ladder_stages(self) -> list[Stage]:
@@ -251,11 +259,11 @@ class Pipeline:
         p = self.paths
         return [
             Stage("ladder-probe", "probe: shape in the UTA tower's merged tokens", "llava-uta-patchprobe",
-                  self.merged_probe_argv, p.probe("merged")),
+                  self.merged_probe_argv, p.probe("merged"), {"ladder-probe": "UTA tower, merged tokens"}),
             Stage("ladder-words", "shape ladder (a): LLaVA stage 2 on the scenes in words", "llava-uta-train",
                   self.words_argv, p.words / "model.safetensors"),
             Stage("ladder-words-grounding", "shape ladder (a): grounding with the scene in words", "llava-uta-bench",
-                  self.words_grounding_argv, p.grounding("words")),
+                  self.words_grounding_argv, p.grounding("words"), {"ladder": LADDER["words"]}),
             Stage("ladder-world", "shape ladder (b): the world drawn as codes", "llava-uta-shapes",
                   lambda: [*self.world_argv(p.symbolic_data), "--symbolic"],
                   p.symbolic_data / "manifest.json"),
@@ -305,7 +313,8 @@ class Pipeline:
 
     def student_stage(self, name: str) -> Stage:
         return Stage(f"student-{name}", f"student: {STUDENTS[name][1]}", "llava-uta-pretrain",
-                     lambda: self.student_argv(name), self.paths.student(name) / "summary.json")
+                     lambda: self.student_argv(name), self.paths.student(name) / "summary.json",
+                     {"zeroshot": STUDENTS[name][1]})
 
     def student_argv(self, name: str) -> list[str]:
         p, prof = self.paths, self.profile
@@ -384,6 +393,9 @@ class Pipeline:
 
     def llava_stages(self, tower: str) -> list[Stage]:
         name, p = TOWERS.get(tower, SYMBOLIC), self.paths
+        bench = {"bench": f"{name} tower"} if tower in TOWERS else {}  # the symbolic tower: a ladder row only
+        grounding = {**({"grounding": f"{name} tower"} if tower in TOWERS else {}),
+                     **({"ladder": LADDER[tower]} if tower in LADDER else {})}
         return [
             Stage(f"stage1-{tower}", f"LLaVA stage 1, {name} tower", "llava-uta-train",
                   lambda: self.llava_argv(tower, 1), p.llava(tower, 1) / "mm_projector.bin"),
@@ -392,9 +404,9 @@ class Pipeline:
             Stage(f"answer-{tower}", f"LLaVA-Bench answers, {name} tower", "llava-uta-bench",
                   lambda: self.answer_argv(tower), p.answers(tower)),
             Stage(f"review-{tower}", f"LLaVA-Bench reviews, {name} tower", "llava-uta-bench",
-                  lambda: self.review_argv(tower), p.reviews(tower)),
+                  lambda: self.review_argv(tower), p.reviews(tower), bench),
             Stage(f"grounding-{tower}", f"grounding, {name} tower", "llava-uta-bench",
-                  lambda: self.grounding_argv(tower), p.grounding(tower)),
+                  lambda: self.grounding_argv(tower), p.grounding(tower), grounding),
         ]
 
     def llava_argv(self, tower: str, stage: int) -> list[str]:
