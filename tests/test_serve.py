@@ -67,6 +67,30 @@ def test_streamed_answer_equals_the_greedy_answer(stage2, folders):
     assert streamed == whole and whole
 
 
+def test_counting_a_prompt_then_answering_it_prepares_the_inputs_once(stage2, folders, monkeypatch):
+    session, calls = _session(stage2, folders), []
+
+    class Counting:
+        def __init__(self, processor):
+            self.processor = processor
+
+        def __call__(self, **kwargs):
+            calls.append(kwargs["text"])
+            return self.processor(**kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.processor, name)
+
+    monkeypatch.setattr(stage2, "processor", Counting(stage2.processor))
+    counted = session.prompt_tokens("What is in the image?")
+    answer = session.answer("What is in the image?", max_new_tokens=4)
+    assert len(calls) == 1 and session.last.prompt_tokens == counted
+    session.answer("And its colour?", max_new_tokens=4)  # a new prompt: prepared again
+    session.reset(Image.new("RGB", (32, 32), "red"))
+    session.answer("What is in the image?", max_new_tokens=4)  # the same question, another image
+    assert len(calls) == 3 and answer == _session(stage2, folders).answer("What is in the image?", max_new_tokens=4)
+
+
 def test_cancel_stops_generation_and_keeps_the_partial_answer(stage2, folders):
     config = stage2.model.generation_config
     config.min_new_tokens, old = 200, config.min_new_tokens  # no early end of sequence: only cancel can stop it

@@ -125,6 +125,7 @@ class ChatSession(Turns):
         if self.image is not None:
             self.image = self.image.convert("RGB")
         self._cancel = threading.Event()
+        self._prepared: tuple[str, Image.Image | None, dict[str, torch.Tensor]] | None = None
 
     def reset(self, image: Image.Image | None = None) -> None:
         """Forget the conversation; a new image (if given) replaces the old one."""
@@ -227,9 +228,17 @@ class ChatSession(Turns):
         return text
 
     def _inputs(self, prompt: str) -> dict[str, torch.Tensor]:
+        """The model's inputs for `prompt` and the image; the latest are kept, so counting a prompt's tokens and then
+        answering it prepares them once."""
+        if self._prepared is not None and self._prepared[0] == prompt and self._prepared[1] is self.image:
+            return self._prepared[2]
         if self.image is None:
-            return to_model(self.loaded.tokenizer(prompt, return_tensors="pt"), self.loaded.model)
-        return to_model(self.loaded.processor(images=self.image, text=prompt, return_tensors="pt"), self.loaded.model)
+            inputs = to_model(self.loaded.tokenizer(prompt, return_tensors="pt"), self.loaded.model)
+        else:
+            inputs = to_model(self.loaded.processor(images=self.image, text=prompt, return_tensors="pt"),
+                              self.loaded.model)
+        self._prepared = (prompt, self.image, inputs)
+        return inputs
 
     def _generate_kwargs(self, settings: GenerationSettings) -> dict:
         config = copy.deepcopy(self.loaded.model.generation_config)
