@@ -11,7 +11,7 @@ teacher's forward once per step: images/s (teacher views) and student passes/s e
 single pass. M = 2 at mask ratio 0.5 uses complement pairs (`--mask_pairing complement`), other M independent draws.
 
     python benchmarks/pretrain_step.py                                  # CPU: uta_b14_224, batch 8, ViT-L-14 teacher
-    python benchmarks/pretrain_step.py --device cuda --dtype bf16 --batch-size 128 --teacher EVA01-g-14-plus
+    python benchmarks/pretrain_step.py --device cuda --dtype bf16 --batch-size 128 --teacher open_clip:EVA01-g-14-plus
     python benchmarks/pretrain_step.py --masks-per-view 1 2 4 8 --mim-masks-per-view 1 2   # which M to time
     python benchmarks/pretrain_step.py --compile-teacher      # the teacher eager and compiled (torch.compile)
 """
@@ -68,7 +68,8 @@ def keep_sets(masks: KeepIndexGenerator, batch_size: int, passes: int) -> torch.
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="uta_b14_224")
-    parser.add_argument("--teacher", default="ViT-L-14", help="open_clip model (random weights: timing only)")
+    parser.add_argument("--teacher", default="open_clip:ViT-L-14",
+                        help="an open_clip model source (docs/model-sources.md); random weights: timing only")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--mask-ratio", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=3)

@@ -3,14 +3,15 @@
     python -m llava_uta.data.shapes --out /tmp/shapes-cache-bench --seed 0 --num-clip 256 --num-pretrain 2048 \\
         --num-stage1 64 --num-stage2 64 --num-zeroshot-per-class 1 --num-bench-images 1
     python benchmarks/teacher_cache.py --data /tmp/shapes-cache-bench             # tiny random CLIP teacher
-    python benchmarks/teacher_cache.py --data /tmp/shapes-cache-bench --teacher ViT-B-16 --num-steps 8
+    python benchmarks/teacher_cache.py --data /tmp/shapes-cache-bench --teacher open_clip:ViT-B-16 --num-steps 8
 
 Both runs are the real engine (`Pretrainer(...).train()`, UTA objective, one optimizer step per batch) on the
 world's pre-training images, from the same start, into temporary folders. The teacher has random weights (timing
-only): by default an open_clip CLIP of `TINY_CLIP_CFG` saved as a local-dir folder, or any open_clip model by
-name. The student's image size is set so that its token grid equals the teacher's (ViT-B-16: 14 x 14, so
-`uta_tiny_p8_64` runs at 112 px). A step's seconds are the engine's own per-step timing (data wait included),
-median over the steps after the first (worker start-up); runs alternate, `--repeats` times each, median reported.
+only): by default an open_clip CLIP of `TINY_CLIP_CFG` saved as a local-dir folder, or any open_clip model source
+(docs/model-sources.md). The student's image size is set so that its token grid equals the teacher's (ViT-B-16:
+14 x 14, so `uta_tiny_p8_64` runs at 112 px). A step's seconds are the engine's own per-step timing (data wait
+included), median over the steps after the first (worker start-up); runs alternate, `--repeats` times each, median
+reported.
 
 The one-off build is the cached run's setup time (`--teacher_cache` builds the cache in `Pretrainer.__init__`)
 minus the on-the-fly run's setup time. Break-even = build seconds / seconds saved per step. The disk a cache
@@ -34,6 +35,7 @@ from pathlib import Path
 import open_clip
 import torch
 
+from llava_uta.model.model_source import parse_model_source
 from llava_uta.model.uta_vit import UTA_VIT_CONFIGS
 from pretrain.engine import PretrainArguments, Pretrainer
 from pretrain.teacher import CLIPTeacher
@@ -45,12 +47,12 @@ REAL_DATASETS = {"ImageNet-1K": 1_281_167, "ImageNet-21K": 14_197_122}
 
 
 def teacher_name(name: str | None, root: Path) -> str:
-    """An open_clip model name as given, or a random tiny CLIP written as a local-dir folder under `root`."""
+    """An open_clip model source as given, or a random tiny CLIP written as a local-dir folder under `root`."""
     if name:
         return name
     torch.manual_seed(0)
     save_local_dir(open_clip.CLIP(**TINY_CLIP_CFG), TINY_CLIP_CFG, root / "teacher")
-    return f"local-dir:{root / 'teacher'}"
+    return f"open_clip:local-dir:{root / 'teacher'}"
 
 
 def run(args: PretrainArguments) -> tuple[float, dict]:
@@ -96,8 +98,9 @@ def real_scale_table(views: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="a ShapesWorld folder (llava-uta-shapes --out)")
-    parser.add_argument("--teacher", default=None, help="open_clip model name (random weights) or local-dir:PATH (its "
-                        "weights, e.g. the quickstart's teacher); default: a random tiny CLIP")
+    parser.add_argument("--teacher", default=None, help="an open_clip model source: open_clip:NAME (random weights) or "
+                        "open_clip:local-dir:DIR (its weights, e.g. the quickstart's teacher); default: a random tiny "
+                        "CLIP")
     parser.add_argument("--model", default="uta_tiny_p8_64", help="student config (uta_b14_224: slow on a CPU)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--mask-ratio", type=float, default=0.5)
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="teacher-cache-bench-") as tmp:
         root = Path(tmp)
         teacher = teacher_name(args.teacher, root)
-        random_weights = not teacher.startswith("local-dir:")  # a name alone: a random teacher, timing only
+        random_weights = not parse_model_source(teacher).has_weights  # a name alone: a random teacher, timing only
         probe = CLIPTeacher.from_pretrained(teacher, random_weights=random_weights)  # its grid sets the student's size
         grid, embed_dim = probe.grid, probe.embed_dim
         del probe

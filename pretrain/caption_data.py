@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from pretrain.data import TarShards, sample_seed, seeded_view, tar_shards
+from pretrain.data import SeededViews, TarShards, tar_shards
 
 
 def read_captions(csv_path: Path, separator: str = ",", img_key: str = "filepath",
@@ -64,20 +64,13 @@ def caption_source(path: str | Path, separator: str = ",", img_key: str = "filep
     raise FileNotFoundError(f"{path}: expected an open_clip CSV file, a .tar shard or a folder/glob of tar shards")
 
 
-class CaptionViews(Dataset):
+class CaptionViews(SeededViews):
     """(image tensor, token ids) per sample; the augmentation is seeded by (seed, epoch, index)."""
 
     def __init__(self, source: Dataset, transform, tokenizer, seed: int = 0):
-        self.source, self.transform, self.tokenizer, self.seed = source, transform, tokenizer, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.source)
+        super().__init__(source, transform, seed)
+        self.tokenizer = tokenizer
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, caption = self.source[index]
-        view = seeded_view(self.transform, image, sample_seed(self.seed, self.epoch, index))
+        view, caption = super().__getitem__(index)
         return view, self.tokenizer([caption])[0]

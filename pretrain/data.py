@@ -13,6 +13,7 @@ import random
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -146,7 +147,31 @@ def seeded_view(transform, image: Image.Image, seed: int) -> torch.Tensor:
         return transform(image)
 
 
-class MaskedViews(Dataset):
+class SeededViews(Dataset):
+    """(augmented image, label) per (image, label) item of `source`, the label as the source gives it (a class index,
+    a caption); each view is drawn from the seed of (seed, epoch, index), so a sample is the same for any number of
+    workers or ranks and after a resume. The training loop sets the epoch."""
+
+    def __init__(self, source: Dataset, transform, seed: int = 0):
+        self.source, self.transform, self.seed = source, transform, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def labelled_view(self, index: int, epoch: int) -> tuple[torch.Tensor, Any]:
+        """Item `index` as (its image's view for epoch `epoch`, its label)."""
+        image, label = self.source[index]
+        return seeded_view(self.transform, image, sample_seed(self.seed, epoch, index)), label
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
+        return self.labelled_view(index, self.epoch)
+
+
+class MaskedViews(SeededViews):
     """(image tensor, keep indices[, cached teacher targets]) per sample, drawn from per-(epoch, index) seeds.
 
     With `views` V (a fixed-view schedule, for the teacher cache) epoch e shows view e mod V of every image, so
@@ -160,23 +185,16 @@ class MaskedViews(Dataset):
     def __init__(self, source: Dataset, transform, masks: KeepIndexGenerator, seed: int = 0,
                  views: int | None = None, targets=None, masks_per_view: int = 1, pairing: str = "independent"):
         check_mask_pairing(pairing, masks_per_view, masks.num_patches, masks.num_keep)
-        self.source, self.transform, self.masks, self.seed = source, transform, masks, seed
-        self.views, self.targets = views, targets
+        super().__init__(source, transform, seed)
+        self.masks, self.views, self.targets = masks, views, targets
         self.masks_per_view, self.pairing = masks_per_view, pairing
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.source)
 
     def view_number(self, epoch: int) -> int:
         return epoch % self.views if self.views else epoch
 
     def view(self, index: int, view_number: int) -> torch.Tensor:
         """The augmented view `view_number` of image `index` (the same tensor every time it is asked for)."""
-        return seeded_view(self.transform, self.source[index][0], sample_seed(self.seed, view_number, index))
+        return self.labelled_view(index, view_number)[0]
 
     def keep_sets(self, epoch: int, index: int) -> torch.Tensor:
         """The keep indices of sample `index` in epoch `epoch`: (K,), or (M, K) with M keep sets per view."""

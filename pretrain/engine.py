@@ -15,30 +15,27 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
-from tqdm import tqdm
 
 from llava_uta.eval.zeroshot import ZeroShotProbe
-from llava_uta.io_utils import write_json_atomic
 from llava_uta.model.checkpoint import load_state_dict_file, load_strict, save_uta_vit
-from llava_uta.model.openclip_loader import create_openclip, openclip_tokenizer
+from llava_uta.model.model_source import with_weights_flag
+from llava_uta.model.open_clip_loader import create_open_clip, open_clip_tokenizer
 from llava_uta.model.uta_vit import UTAViT, build_uta_vit
-from llava_uta.preemption import Preempted, PreemptionSignal
 from pretrain.data import EpochSampler, MaskedViews, image_source, train_transform
 from pretrain.loop import (
-    EpochLoader,
     RunArguments,
-    RunLogger,
     StepCheckpoints,
+    StepTrainer,
     deepspeed_engine,
     distributed_setup,
     fp32_state_dict,
-    global_mean,
 )
 from pretrain.masking import MASK_PAIRINGS, MASKING_KINDS, KeepIndexGenerator, check_mask_pairing
 from pretrain.objectives import OBJECTIVES, flops_per_token, get_objective
@@ -52,9 +49,12 @@ class PretrainArguments(RunArguments):
 
     data_path: str = field(metadata={"help": "ImageFolder root, a .tar shard, or a folder / glob of tar shards"})
     output_dir: str = field(metadata={"help": "checkpoints, logs and the final student go here"})
-    teacher: str = field(default="EVA01-g-14-plus", metadata={"help": "open_clip model name or local-dir:PATH"})
+    teacher: str = field(default="open_clip:EVA01-g-14-plus", metadata={
+        "help": "the frozen CLIP, an open_clip model source: open_clip:NAME@WEIGHTS (a local weights file, open_clip "
+        "or EVA-CLIP layout, e.g. BAAI's EVA01_CLIP_g_14_plus .pt) or open_clip:local-dir:DIR; see "
+        "docs/model-sources.md"})
     teacher_pretrained: str | None = field(default=None, metadata={
-        "help": "local teacher weights file, open_clip or EVA-CLIP layout (e.g. BAAI's EVA01_CLIP_g_14_plus .pt)"})
+        "help": "deprecated, goes in the next release: give --teacher open_clip:NAME@FILE"})
     teacher_random_weights: bool = field(default=False, metadata={
         "help": "a --teacher named without weights gets random weights (benchmarks only; recorded in summary.json), "
         "instead of the error that names the missing file"})
@@ -117,7 +117,11 @@ class PretrainArguments(RunArguments):
         check_mask_pairing(self.mask_pairing, self.masks_per_view, mask_ratio=self.mask_ratio)
 
 
-class Pretrainer(EpochLoader):
+class Pretrainer(StepTrainer):
+    totals = ("train_seconds", "student_flop", "evals_done")
+    logged_lr_group = 0  # the first (under --layer_decay, the embeddings', at the lowest lr)
+    steady_keys = ("images_per_s", "passes_per_s", "student_tflops", "teacher_share")
+
     def __init__(self, args: PretrainArguments):
         self.objective = get_objective(args.objective)
         self.args = args
@@ -126,12 +130,13 @@ class Pretrainer(EpochLoader):
         self.out = Path(args.output_dir)
         torch.manual_seed(args.seed)  # the same initial student on every rank
 
-        clip = create_openclip(args.teacher, args.teacher_pretrained, random_weights=args.teacher_random_weights)
+        source = with_weights_flag(args.teacher, args.teacher_pretrained, "--teacher", "--teacher_pretrained")
+        clip = create_open_clip(source, random_weights=args.teacher_random_weights)
         self.probe = None
         if args.eval_data:  # class weights from the teacher's text tower, built once
             self.probe = ZeroShotProbe.build(args.eval_data, clip.visual.image_size[0], self.device,
                                              args.eval_classnames, args.eval_templates, workers=min(args.workers, 2))
-            self.probe.set_text_tower(clip.to(self.device), openclip_tokenizer(args.teacher))
+            self.probe.set_text_tower(clip.to(self.device), open_clip_tokenizer(args.teacher))
             self.teacher_zeroshot = self.probe.evaluate(clip)
         self.teacher = CLIPTeacher.from_clip(clip, args.teacher_precision).to(self.device)
         if args.compile_teacher:
@@ -178,6 +183,10 @@ class Pretrainer(EpochLoader):
         self.train_seconds = 0.0  # spent in training steps (the budget of --max_train_seconds)
         self.student_flop = 0.0  # the student's matmul FLOPs so far, every rank (flops_per_token x tokens)
         self.evals_done = 0  # of --eval_points
+        # the last step's measures, for its log record: the last micro-batch's loss terms, the teacher's seconds and
+        # this rank's student tokens (all passes)
+        self.loss_terms: dict[str, float] = {}
+        self.teacher_seconds, self.tokens = 0.0, 0
 
     # ---- setup helpers
 
@@ -223,6 +232,19 @@ class Pretrainer(EpochLoader):
             (loss / self.accum).backward()
         return loss.item(), stats, teacher_seconds
 
+    def train_step(self, micro_batches: Iterable[tuple[torch.Tensor, ...]]) -> float:
+        """Forward + backward of the step's micro-batches, one at a time; their mean loss."""
+        losses, self.teacher_seconds, self.tokens = [], 0.0, 0
+        for images, keep, *cached in micro_batches:
+            loss, self.loss_terms, seconds = self.micro_step(images, keep, *cached)
+            losses.append(loss)
+            self.teacher_seconds += seconds
+            passes = keep.shape[1] if keep.dim() == 3 else 1
+            self.tokens += images.shape[0] * passes * self.objective.tokens_per_image(keep.shape[-1],
+                                                                                      math.prod(self.grid))
+        self.student_flop += self.flops_per_token * self.tokens * self.world
+        return sum(losses) / len(losses)
+
     def optimizer_step(self) -> float:
         """Clip, step and zero (the plain path; DeepSpeed does this inside engine.step). Returns the grad norm."""
         if self.engine:
@@ -233,24 +255,16 @@ class Pretrainer(EpochLoader):
         self.optimizer.zero_grad(set_to_none=True)
         return norm.item()
 
-    # ---- checkpoints
+    # ---- checkpoints and output
 
-    def save_checkpoint(self) -> Path:
-        state = {"step": self.step, "train_seconds": self.train_seconds, "student_flop": self.student_flop,
-                 "evals_done": self.evals_done, "scheduler": self.scheduler.state_dict()}
-        return self.checkpoints.save(self.step, self.engine, self.optimizer, state,
-                                     lambda folder: self.save_student(folder / "student.safetensors"))
+    def save_weights(self, folder: Path) -> None:
+        self.save_student(folder / "student.safetensors")
 
-    def load_checkpoint(self, path: Path) -> None:
-        def load_student(folder: Path) -> None:
-            load_strict(self.student, load_state_dict_file(folder / "student.safetensors"), str(folder))
+    def load_weights(self, folder: Path) -> None:
+        load_strict(self.student, load_state_dict_file(folder / "student.safetensors"), str(folder))
 
-        state = self.checkpoints.load(path, self.engine, self.optimizer, load_student)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = state["step"]
-        self.train_seconds = state.get("train_seconds", 0.0)
-        self.student_flop = state.get("student_flop", 0.0)
-        self.evals_done = state.get("evals_done", 0)
+    def save_outputs(self) -> None:
+        self.save_student(self.out / "student.safetensors")
 
     def save_student(self, path: Path) -> None:
         """Write the student with fp32 weights (rank 0); a collective under DeepSpeed --bf16, so every rank calls it."""
@@ -262,16 +276,21 @@ class Pretrainer(EpochLoader):
     def unwrapped(self) -> UTAViT:
         return self.engine.module if self.engine else self.student
 
-    # ---- the loop
+    # ---- the loop's hooks
 
-    def throughput(self, tokens: int, seconds: float, teacher_seconds: float) -> dict[str, float]:
+    def step_stats(self) -> dict[str, float]:
+        return self.loss_terms
+
+    def throughput(self, seconds: float) -> dict[str, float]:
         """Per second of one step: images (teacher views), student passes (M per image), the student's tokens (all
-        passes) and estimated TFLOP/s; and the teacher's share of the step's time (one forward per image)."""
+        passes, every rank) and estimated TFLOP/s; and the teacher's share of the step's time (one forward per
+        image)."""
+        tokens = self.tokens * self.world
         tflops = self.flops_per_token * tokens / seconds / 1e12
         images_per_s = self.args.batch_size / seconds
         record = {"images_per_s": images_per_s, "passes_per_s": images_per_s * self.args.masks_per_view,
                   "tokens_per_s": tokens / seconds,
-                  "student_tflops": tflops, "teacher_share": teacher_seconds / seconds, "seconds": seconds}
+                  "student_tflops": tflops, "teacher_share": self.teacher_seconds / seconds, "seconds": seconds}
         if self.args.peak_tflops:
             record["peak_fraction"] = tflops / self.args.peak_tflops
         return record
@@ -288,85 +307,35 @@ class Pretrainer(EpochLoader):
         budget = self.args.max_train_seconds
         return self.train_seconds / budget if budget else self.step / self.total_steps
 
-    def take_eval_point(self) -> bool:
-        """Whether another of the --eval_points is reached, marking it taken (at most one per step; the last at the
-        end)."""
+    def eval_due(self) -> bool:
+        """Every --eval_every steps, and when another of the --eval_points is reached, marking it taken (at most one
+        per step; the last at the end)."""
         points = self.args.eval_points
         reached = points if self.finished() else min(points, math.floor(self.budget_spent() * points))
-        if reached <= self.evals_done:
-            return False
-        self.evals_done = reached
-        return True
+        point, self.evals_done = reached > self.evals_done, max(reached, self.evals_done)
+        return point or super().eval_due()
+
+    def eval_context(self) -> dict[str, float]:
+        return {"train_seconds": self.train_seconds, "student_tflop": self.student_flop / 1e12}
 
     def finished(self) -> bool:
         budget = self.args.max_train_seconds
-        return self.step >= self.total_steps or bool(budget and self.train_seconds >= budget)
+        return super().finished() or bool(budget and self.train_seconds >= budget)
 
-    def run_steps(self, logger: RunLogger, progress: tqdm, preemption: PreemptionSignal) -> tuple[int, dict]:
-        """Optimizer steps until the budget is spent: logs, eval points, checkpoints every --save_every and at the
-        end; on SIGTERM / SIGUSR1 a checkpoint after the current step, then Preempted. Returns the last eval."""
-        args = self.args
-        last_eval = -1, {}
-        while not self.finished():
-            epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
-            batches = iter(self.loader(epoch, step_in_epoch * self.accum * args.micro_batch_size))
-            for _ in range(step_in_epoch, self.steps_per_epoch):
-                self.scheduler.step_update(self.schedule_position())
-                start = time.perf_counter()
-                losses, stats, teacher_s, tokens = [], {}, 0.0, 0
-                for _ in range(self.accum):
-                    images, keep, *cached = next(batches)
-                    loss, stats, seconds = self.micro_step(images, keep, *cached)
-                    losses.append(loss)
-                    teacher_s += seconds
-                    passes = keep.shape[1] if keep.dim() == 3 else 1
-                    tokens += images.shape[0] * passes * self.objective.tokens_per_image(keep.shape[-1],
-                                                                                         math.prod(self.grid))
-                grad_norm = self.optimizer_step()
-                self.step += 1
-                # the ranks agree on the time budget
-                self.train_seconds += global_mean(time.perf_counter() - start, self.world, self.device)
-                progress.update()
-                self.student_flop += self.flops_per_token * tokens * self.world
-                loss = global_mean(sum(losses) / len(losses), self.world, self.device)
-                seconds = time.perf_counter() - start
-                logger.log({"step": self.step, "loss": loss, **stats, "lr": self.optimizer.param_groups[0]["lr"],
-                            "grad_norm": grad_norm, **self.throughput(tokens * self.world, seconds, teacher_s)},
-                           every=args.log_every)
-                point = self.take_eval_point()
-                if self.probe and (point or (args.eval_every and self.step % args.eval_every == 0)):
-                    last_eval = self.step, self.probe.evaluate(self.unwrapped)
-                    logger.log_eval(self.step, last_eval[1], train_seconds=self.train_seconds,
-                                    student_tflop=self.student_flop / 1e12)
-                    self.student.train()
-                due = self.step % args.save_every == 0 or self.finished()
-                checkpoint = self.save_checkpoint() if due else None
-                if preemption.requested(self.device):
-                    raise Preempted(self.step, str(checkpoint or self.save_checkpoint()))
-                if self.finished():
-                    break
-        return last_eval
+    def zeroshot(self) -> dict[str, float]:
+        """The student's zero-shot result now (class weights from the teacher's text tower); training mode after."""
+        result = self.probe.evaluate(self.unwrapped)
+        self.student.train()
+        return result
+
+    # ---- the run
 
     def train(self) -> dict:
-        args = self.args
-        self.out.mkdir(parents=True, exist_ok=True)
-        if args.resume and self.checkpoints.folders():
-            self.load_checkpoint(self.checkpoints.folders()[-1])
-        logger = RunLogger(self.out, self.rank == 0)
-        self.student.train()
-        with PreemptionSignal() as preemption, tqdm(total=self.total_steps, initial=self.step,
-                                                    disable=self.rank != 0, desc=args.objective) as progress:
-            last_eval = self.run_steps(logger, progress, preemption)
-        summary = {"steps": self.step, "args": asdict(args), "train_seconds": self.train_seconds,
-                   "student_tflop": self.student_flop / 1e12}
-        if logger.records:
-            steady = ("images_per_s", "passes_per_s", "student_tflops", "teacher_share")
-            summary |= {"final_loss": logger.records[-1]["loss"], **{key: logger.steady_mean(key) for key in steady}}
+        summary = {"args": asdict(self.args)}
+        self.begin()
+        last_eval = self.run_steps(self.student, self.args.objective, self.zeroshot if self.probe else None)
+        summary |= self.run_summary(student_tflop=self.student_flop / 1e12)
         if self.probe:  # the final weights' result: the eval of the last step if there was one
-            summary["zeroshot"] = last_eval[1] if last_eval[0] == self.step else self.probe.evaluate(self.unwrapped)
+            summary["zeroshot"] = last_eval[1] if last_eval[0] == self.step else self.zeroshot()
             summary["teacher_zeroshot"] = self.teacher_zeroshot
-        self.save_student(self.out / "student.safetensors")
-        if self.rank == 0:
-            write_json_atomic(self.out / "summary.json", summary)
-        logger.close()
-        return summary
+        return self.finish(summary)

@@ -4,10 +4,10 @@ The image tower is a UTA ViT (a `llava-uta-pretrain` student or a released check
 encoder (the `text.*` of a released checkpoint, or any open_clip model's, e.g. the teacher's); both are trained with
 the CLIP loss at a fixed temperature (T = 0.01, `--logit_scale 100`), with LAMB and layer-wise lr decay on the image
 tower, as in the paper. The output `uta_clip.safetensors` is in the released key layout (`visual.*`, `text.*`,
-`logit_scale`), so `llava-uta-zeroshot --model uta` and `llava-uta-convert` take it as they take a released checkpoint.
+`logit_scale`), so `llava-uta-zeroshot --model uta:FILE` and `llava-uta-convert` take it as a released checkpoint.
 
     llava-uta-finetune-clip --train_data /data/datacomp/shards --init runs/uta_b14/student.safetensors \\
-        --text_model EVA01-g-14-plus --text_pretrained /ckpt/eva01_g14_plus.bin --output_dir runs/uta_b14_clip
+        --text_model open_clip:EVA01-g-14-plus@/ckpt/eva01_g14_plus.bin --output_dir runs/uta_b14_clip
     torchrun --nproc_per_node 8 -m pretrain.finetune_clip ...          # or: deepspeed --module pretrain.finetune_clip
 
 Ranks are torch DistributedDataParallel, not DeepSpeed ZeRO: LAMB's trust ratio is per weight tensor, and ZeRO (and
@@ -24,12 +24,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from open_clip import image_transform
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.loss import ClipLoss
@@ -40,9 +39,7 @@ from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
 from transformers import HfArgumentParser
 
-from llava_uta.distributed import end_process_group
 from llava_uta.eval.zeroshot import ZeroShotProbe
-from llava_uta.io_utils import write_json_atomic
 from llava_uta.model.checkpoint import (
     load_state_dict_file,
     load_strict,
@@ -50,18 +47,18 @@ from llava_uta.model.checkpoint import (
     resize_uta_vit,
     student_config_path,
 )
+from llava_uta.model.model_source import with_weights_flag
 from llava_uta.model.official import (
     UTACLIP,
     load_official_checkpoint,
-    openclip_text_tower,
+    open_clip_text_tower,
     save_official,
 )
-from llava_uta.model.openclip_loader import create_openclip, openclip_tokenizer
+from llava_uta.model.open_clip_loader import create_open_clip, open_clip_tokenizer
 from llava_uta.model.uta_vit import UTAViT
-from llava_uta.preemption import Preempted, exit_preempted
 from pretrain.caption_data import CaptionViews, caption_source
 from pretrain.data import EpochSampler
-from pretrain.loop import RunArguments, RunLogger, StepCheckpoints, StepTrainer, distributed_setup, fp32_state_dict
+from pretrain.loop import RunArguments, StepCheckpoints, StepTrainer, distributed_setup, fp32_state_dict, training_cli
 
 OPTIMIZERS = ("lamb", "adamw")
 
@@ -76,9 +73,11 @@ class FinetuneArguments(RunArguments):
     init: str = field(metadata={"help": "the image tower: a llava-uta-pretrain student (.safetensors + .json) or a "
                                         "released UTA checkpoint (visual.*, text.*, logit_scale)"})
     text_model: str | None = field(default=None, metadata={
-        "help": "open_clip model name or local-dir:PATH whose text tower is fine-tuned (e.g. the teacher); "
+        "help": "the open_clip model source whose text tower is fine-tuned (e.g. the teacher: open_clip:NAME@WEIGHTS "
+                "or open_clip:local-dir:DIR; see docs/model-sources.md); "
                 "default: the text.* of a released --init"})
-    text_pretrained: str | None = field(default=None, metadata={"help": "local weights file for --text_model"})
+    text_pretrained: str | None = field(default=None, metadata={
+        "help": "deprecated, goes in the next release: give --text_model open_clip:NAME@FILE"})
     text_random_weights: bool = field(default=False, metadata={
         "help": "a --text_model named without weights gets random weights (tests and timing only; recorded in "
         "summary.json's args)"})
@@ -136,9 +135,10 @@ def build_clip(args: FinetuneArguments) -> tuple[UTACLIP, Callable[[list[str]], 
         visual, text = released.visual, released.text
         tokenizer = SimpleTokenizer(context_length=text.context_length)
     if args.text_model:
-        tokenizer = openclip_tokenizer(args.text_model)
-        clip = create_openclip(args.text_model, args.text_pretrained, random_weights=args.text_random_weights)
-        text = openclip_text_tower(clip, tokenizer, args.text_model)
+        tokenizer = open_clip_tokenizer(args.text_model)
+        source = with_weights_flag(args.text_model, args.text_pretrained, "--text_model", "--text_pretrained")
+        clip = create_open_clip(source, random_weights=args.text_random_weights)
+        text = open_clip_text_tower(clip, tokenizer, args.text_model)
     if text is None:
         raise ValueError(f"{args.init} is a UTA student (an image tower only): give --text_model (e.g. the teacher)")
     visual = with_drop_path(visual, args.drop_path)
@@ -244,7 +244,7 @@ class CLIPFinetuner(StepTrainer):
         """The CLIP loss of this rank's rows against the whole gathered batch (mean over ranks = global loss)."""
         return self.loss_fn(image_features, text_features, self.model.logit_scale.exp())
 
-    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    def train_step(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """Gradients of the global-batch loss, by feature caching when there are several micro-batches."""
         micro_batches = [(i.to(self.device, non_blocking=True), t.to(self.device, non_blocking=True))
                          for i, t in micro_batches]
@@ -287,6 +287,10 @@ class CLIPFinetuner(StepTrainer):
     def load_weights(self, folder: Path) -> None:
         load_strict(self.model, load_state_dict_file(folder / "model.safetensors"), str(folder))
 
+    def save_outputs(self) -> None:
+        if self.rank == 0:
+            save_official(self.model, self.out / "uta_clip.safetensors")
+
     def zeroshot(self) -> dict[str, float]:
         """Zero-shot top-1/top-5 with the model's current text tower (rebuilt class weights unless it is frozen)."""
         if self.probe.classifier is None or any(p.requires_grad for p in self.model.text.parameters()):
@@ -299,29 +303,14 @@ class CLIPFinetuner(StepTrainer):
     # ---- the run
 
     def train(self) -> dict:
-        args = self.args
-        self.out.mkdir(parents=True, exist_ok=True)
-        summary = {"args": asdict(args)}
-        if args.resume and self.checkpoints.folders():
-            self.load_checkpoint(self.checkpoints.folders()[-1])
-        elif self.probe:
+        summary = {"args": asdict(self.args)}
+        if not self.begin() and self.probe:
             summary["zeroshot_before"] = self.zeroshot()
-        logger = RunLogger(self.out, self.rank == 0)
-        self.model.train()
-        self.run_steps(logger, "contrastive", self.zeroshot if self.probe else None)
-        summary |= {"steps": self.step, "train_seconds": self.train_seconds,
-                    "output": str(self.out / "uta_clip.safetensors")}
-        if logger.records:
-            summary |= {"final_loss": logger.records[-1]["loss"], "images_per_s": logger.steady_mean("images_per_s")}
+        self.run_steps(self.model, "contrastive", self.zeroshot if self.probe else None)
+        summary |= self.run_summary(output=str(self.out / "uta_clip.safetensors"))
         if self.probe:
             summary["zeroshot"] = self.zeroshot()
-        if self.rank == 0:
-            save_official(self.model, self.out / "uta_clip.safetensors")
-            write_json_atomic(self.out / "summary.json", summary)
-        logger.close()
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-        return summary
+        return self.finish(summary)
 
 
 def build_parser() -> HfArgumentParser:
@@ -329,15 +318,7 @@ def build_parser() -> HfArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    (args,) = build_parser().parse_args_into_dataclasses(args=argv)
-    trainer = CLIPFinetuner(args)
-    try:
-        summary = trainer.train()
-    except Preempted as err:
-        exit_preempted(err)
-    if trainer.rank == 0:
-        print({k: v for k, v in summary.items() if k != "args"})
-    end_process_group()
+    training_cli(build_parser(), CLIPFinetuner, argv)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,20 +40,17 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets import ImageFolder
+from torch.utils.data import DataLoader
 from transformers import HfArgumentParser
 
 from llava_uta.data.image_folder import checked_image_folder
-from llava_uta.distributed import end_process_group
 from llava_uta.io_utils import write_json_atomic
 from llava_uta.model.checkpoint import load_state_dict_file, load_strict, resize_uta_vit, save_uta_vit
 from llava_uta.model.official import load_any_uta_vit
 from llava_uta.model.timm_models import GLOBAL_POOLS, TimmUTAViT
 from llava_uta.model.uta_vit import UTA_VIT_CONFIGS
-from llava_uta.preemption import Preempted, exit_preempted
-from pretrain.data import EpochSampler, sample_seed, seeded_rngs, seeded_view
-from pretrain.loop import RunArguments, RunLogger, StepCheckpoints, StepTrainer, distributed_setup, fp32_state_dict
+from pretrain.data import EpochSampler, SeededViews, sample_seed, seeded_rngs
+from pretrain.loop import RunArguments, StepCheckpoints, StepTrainer, distributed_setup, fp32_state_dict, training_cli
 
 
 @dataclass
@@ -142,24 +140,6 @@ def build_classifier(args: FinetuneClsArguments, num_classes: int) -> TimmUTAViT
     return model
 
 
-class ClassificationViews(Dataset):
-    """(augmented image, class index) of an ImageFolder; the augmentation is seeded by (seed, epoch, index)."""
-
-    def __init__(self, folder: ImageFolder, transform, seed: int = 0):
-        self.folder, self.transform, self.seed = folder, transform, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.folder)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        image, target = self.folder[index]
-        return seeded_view(self.transform, image, sample_seed(self.seed, self.epoch, index)), target
-
-
 class ClassificationFinetuner(StepTrainer):
     def __init__(self, args: FinetuneClsArguments):
         self.args = args
@@ -179,7 +159,7 @@ class ClassificationFinetuner(StepTrainer):
             auto_augment=args.auto_augment, interpolation="bicubic", re_prob=args.reprob, **norm)
         self.eval_transform = create_transform(img_size, is_training=False, crop_pct=args.crop_pct,
                                                interpolation="bicubic", **norm)
-        self.dataset = ClassificationViews(train_folder, train_transform, args.seed)
+        self.dataset = SeededViews(train_folder, train_transform, args.seed)  # (augmented image, class index)
         self.val_folder = None
         if args.val_data:
             self.val_folder = checked_image_folder(args.val_data, self.eval_transform, train_folder.class_to_idx)
@@ -224,8 +204,9 @@ class ClassificationFinetuner(StepTrainer):
 
     # ---- one optimizer step
 
-    def train_step(self, micro_batches: list[tuple[Tensor, Tensor]]) -> float:
+    def train_step(self, micro_batches: Iterable[tuple[Tensor, Tensor]]) -> float:
         """Summed gradients of the mean loss over the global batch (DDP reduces after the last micro-batch)."""
+        micro_batches = list(micro_batches)
         total = 0.0
         for j, (images, targets) in enumerate(micro_batches):
             images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
@@ -295,32 +276,22 @@ class ClassificationFinetuner(StepTrainer):
         if self.ema is not None:
             load_strict(self.ema.module, load_state_dict_file(folder / "ema.safetensors"), str(folder))
 
+    def save_outputs(self) -> None:
+        self.save_weights(self.out)
+        if self.rank == 0:
+            write_json_atomic(self.out / "classes.json", self.classes)
+
     # ---- the run
 
     def train(self) -> dict:
-        args = self.args
-        self.out.mkdir(parents=True, exist_ok=True)
-        summary = {"args": asdict(args), "num_classes": len(self.classes), "train_images": len(self.dataset)}
-        if args.resume and self.checkpoints.folders():
-            self.load_checkpoint(self.checkpoints.folders()[-1])
-        logger = RunLogger(self.out, self.rank == 0)
-        self.model.train()
-        self.run_steps(logger, "fine-tune", self.evaluate_all if self.val_folder is not None else None)
-        summary |= {"steps": self.step, "train_seconds": self.train_seconds,
-                    "output": str(self.out / "model.safetensors")}
-        if logger.records:
-            summary |= {"final_loss": logger.records[-1]["loss"], "images_per_s": logger.steady_mean("images_per_s")}
+        summary = {"args": asdict(self.args), "num_classes": len(self.classes), "train_images": len(self.dataset)}
+        self.begin()
+        self.run_steps(self.model, "fine-tune", self.evaluate_all if self.val_folder is not None else None)
+        summary |= self.run_summary(output=str(self.out / "model.safetensors"))
         if self.val_folder is not None:
             summary["val"] = self.evaluate_all()
-            logger.log_eval(self.step, summary["val"])
-        if self.rank == 0:
-            self.save_weights(self.out)
-            write_json_atomic(self.out / "classes.json", self.classes)
-            write_json_atomic(self.out / "summary.json", summary)
-        logger.close()
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-        return summary
+            self.logger.log_eval(self.step, summary["val"])
+        return self.finish(summary)
 
 
 def build_parser() -> HfArgumentParser:
@@ -328,15 +299,7 @@ def build_parser() -> HfArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    (args,) = build_parser().parse_args_into_dataclasses(args=argv)
-    trainer = ClassificationFinetuner(args)
-    try:
-        summary = trainer.train()
-    except Preempted as err:
-        exit_preempted(err)
-    if trainer.rank == 0:
-        print({k: v for k, v in summary.items() if k != "args"})
-    end_process_group()
+    training_cli(build_parser(), ClassificationFinetuner, argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""What the training loops of this package share: ranks, DeepSpeed, step checkpoints, exact resume, logs.
+"""The training loop of this package's tools and what it rests on: ranks, DeepSpeed, step checkpoints, exact resume,
+logs, preemption, the command line.
 
 A checkpoint is a folder `checkpoints/step_N` written through a temporary sibling renamed into place (a crash
 never leaves half a checkpoint), holding every rank's RNG state, the optimizer/scheduler state (DeepSpeed's own
@@ -20,10 +21,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+from transformers import HfArgumentParser
 
-from llava_uta.distributed import init_distributed
-from llava_uta.io_utils import partial_dir, replace_dir
-from llava_uta.preemption import Preempted, PreemptionSignal
+from llava_uta.distributed import end_process_group, init_distributed
+from llava_uta.io_utils import partial_dir, replace_dir, write_json_atomic
+from llava_uta.preemption import Preempted, PreemptionSignal, exit_preempted
 
 
 @dataclass(kw_only=True)
@@ -215,11 +217,23 @@ class RunLogger:
             self.tb.close()
 
 
-class EpochLoader:
-    """The DataLoader of every training loop here: resumable epochs of micro-batches.
+class StepTrainer:
+    """The optimizer-step loop of every training tool here: resumable epochs of micro-batches, logs, evaluations,
+    checkpoints, preemption, and the run's start and end.
 
-    The user sets `args` (RunArguments with micro_batch_size), `dataset` (with set_epoch), `sampler` (an EpochSampler)
-    and `device`."""
+    A subclass sets `args` (RunArguments with batch_size and micro_batch_size), `rank`, `world`, `device`, `out`,
+    `dataset` (with set_epoch), `sampler` (an EpochSampler), `optimizer`, `scheduler`, `checkpoints`, `accum`,
+    `steps_per_epoch`, `total_steps`, `step` and `train_seconds` (and `engine` under DeepSpeed), and defines
+    `train_step(micro_batches) -> this rank's loss` (the step's `accum` micro-batches, read lazily),
+    `optimizer_step() -> grad norm`, `save_weights(folder)` and `save_outputs()` (the run's final files; both called
+    on every rank), `load_weights(folder)`, and `train() -> summary`: `begin()`, `run_steps(...)`, its own final
+    evaluations into `run_summary(...)`, then `finish(summary)`. It may override the hooks and class attributes.
+    """
+
+    engine = None  # a DeepSpeed engine, which then holds the optimizer state and the weights of a checkpoint
+    totals: tuple[str, ...] = ("train_seconds",)  # the run's running totals a checkpoint keeps beside the step
+    logged_lr_group = -1  # the param group whose lr is logged: the last (under layer decay, one at the full lr)
+    steady_keys: tuple[str, ...] = ("images_per_s",)  # throughput figures the summary averages over the run
 
     def loader(self, epoch: int, start: int) -> DataLoader:
         """Epoch `epoch`'s micro-batches from this rank's sample `start` on (augmentations are seeded per sample)."""
@@ -231,53 +245,126 @@ class EpochLoader:
                           num_workers=self.args.workers, drop_last=True, generator=generator,
                           pin_memory=self.device.type == "cuda")
 
+    # ---- hooks
 
-class StepTrainer(EpochLoader):
-    """The optimizer-step loop the fine-tuners share: resumable epochs of micro-batches, logs, checkpoints.
+    def schedule_position(self) -> float:
+        """Where the lr schedule stands before the next step."""
+        return self.step
 
-    A subclass sets what EpochLoader needs and `rank`, `world`, `out`, `optimizer`, `scheduler`, `checkpoints`, `accum`,
-    `steps_per_epoch`, `total_steps`, `step` and `train_seconds`, and defines `train_step(micro_batches) -> loss`,
-    `optimizer_step() -> grad norm`, `save_weights(folder)` (called on every rank) and `load_weights(folder)`.
-    """
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
+
+    def step_stats(self) -> dict[str, float]:
+        """The last step's loss terms, logged after its loss."""
+        return {}
+
+    def throughput(self, seconds: float) -> dict[str, float]:
+        """The log's speed figures of a step that took `seconds`."""
+        return {"images_per_s": self.args.batch_size / seconds, "seconds": seconds}
+
+    def eval_due(self) -> bool:
+        """Whether to evaluate after this step (called once a step)."""
+        return bool(self.args.eval_every) and self.step % self.args.eval_every == 0
+
+    def eval_context(self) -> dict[str, float]:
+        """Where the run stands, logged with an evaluation."""
+        return {}
+
+    # ---- checkpoints
 
     def save_checkpoint(self) -> Path:
-        state = {"step": self.step, "train_seconds": self.train_seconds, "scheduler": self.scheduler.state_dict()}
-        return self.checkpoints.save(self.step, None, self.optimizer, state, self.save_weights)
+        state = {"step": self.step, **{name: getattr(self, name) for name in self.totals},
+                 "scheduler": self.scheduler.state_dict()}
+        return self.checkpoints.save(self.step, self.engine, self.optimizer, state, self.save_weights)
 
     def load_checkpoint(self, folder: Path) -> None:
-        state = self.checkpoints.load(folder, None, self.optimizer, self.load_weights)
+        state = self.checkpoints.load(folder, self.engine, self.optimizer, self.load_weights)
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.train_seconds = state["step"], state["train_seconds"]
+        self.step = state["step"]
+        for name in self.totals:  # a total the checkpoint lacks (written before it was kept) stays at its start
+            setattr(self, name, state.get(name, getattr(self, name)))
 
-    def run_steps(self, logger: RunLogger, desc: str, evaluate: Callable[[], dict] | None) -> None:
-        """Optimizer steps up to `total_steps`: log each, `evaluate` every `eval_every`, checkpoint every
-        `save_every` and at the end; on SIGTERM / SIGUSR1, checkpoint after the current step and raise Preempted."""
+    # ---- the run
+
+    def begin(self) -> bool:
+        """Create the output folder and the run's `logger`; with --resume, load the newest checkpoint there. Whether
+        one was loaded."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        resumed = bool(self.args.resume and self.checkpoints.folders())
+        if resumed:
+            self.load_checkpoint(self.checkpoints.folders()[-1])
+        self.logger = RunLogger(self.out, self.rank == 0)
+        return resumed
+
+    def run_steps(self, model: nn.Module, desc: str, evaluate: Callable[[], dict] | None) -> tuple[int, dict]:
+        """`model` in training mode, optimizer steps until `finished()`: log each, `evaluate` when `eval_due()`,
+        checkpoint every `save_every` and at the end; on SIGTERM / SIGUSR1, checkpoint after the current step and
+        raise Preempted. Returns the last evaluation as (step, result), or (-1, {}) without one."""
+        model.train()
         with PreemptionSignal() as preemption, tqdm(total=self.total_steps, initial=self.step,
                                                     disable=self.rank != 0, desc=desc) as progress:
-            self._steps(logger, evaluate, progress, preemption)
+            return self._steps(evaluate, progress, preemption)
 
-    def _steps(self, logger: RunLogger, evaluate, progress: tqdm, preemption: PreemptionSignal) -> None:
-        args = self.args
-        while self.step < self.total_steps:
+    def _steps(self, evaluate: Callable[[], dict] | None, progress: tqdm, preemption: PreemptionSignal
+               ) -> tuple[int, dict]:
+        args, last_eval = self.args, (-1, {})
+        while not self.finished():
             epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
             batches = iter(self.loader(epoch, step_in_epoch * self.accum * args.micro_batch_size))
             for _ in range(step_in_epoch, self.steps_per_epoch):
-                self.scheduler.step_update(self.step)
+                self.scheduler.step_update(self.schedule_position())
                 start = time.perf_counter()
-                loss = self.train_step([next(batches) for _ in range(self.accum)])
+                loss = self.train_step(next(batches) for _ in range(self.accum))
                 grad_norm = self.optimizer_step()
                 self.step += 1
+                # the ranks agree on the time budget
+                self.train_seconds += global_mean(time.perf_counter() - start, self.world, self.device)
                 progress.update()
+                loss = global_mean(loss, self.world, self.device)
                 seconds = time.perf_counter() - start
-                self.train_seconds += seconds
-                logger.log({"step": self.step, "loss": global_mean(loss, self.world, self.device),
-                            "lr": self.optimizer.param_groups[-1]["lr"], "grad_norm": grad_norm,
-                            "images_per_s": args.batch_size / seconds, "seconds": seconds}, every=args.log_every)
-                if evaluate is not None and args.eval_every and self.step % args.eval_every == 0:
-                    logger.log_eval(self.step, evaluate())
-                due = self.step % args.save_every == 0 or self.step == self.total_steps
+                self.logger.log({"step": self.step, "loss": loss, **self.step_stats(),
+                                 "lr": self.optimizer.param_groups[self.logged_lr_group]["lr"], "grad_norm": grad_norm,
+                                 **self.throughput(seconds)}, every=args.log_every)
+                if self.eval_due() and evaluate is not None:
+                    last_eval = self.step, evaluate()
+                    self.logger.log_eval(self.step, last_eval[1], **self.eval_context())
+                due = self.step % args.save_every == 0 or self.finished()
                 checkpoint = self.save_checkpoint() if due else None
                 if preemption.requested(self.device):
                     raise Preempted(self.step, str(checkpoint or self.save_checkpoint()))
-                if self.step == self.total_steps:
+                if self.finished():
                     break
+        return last_eval
+
+    def run_summary(self, **facts: object) -> dict:
+        """The steps and training seconds, `facts`, then the final loss and the steady throughput (`steady_keys`)."""
+        summary = {"steps": self.step, "train_seconds": self.train_seconds, **facts}
+        if self.logger.records:
+            summary["final_loss"] = self.logger.records[-1]["loss"]
+            summary |= {key: self.logger.steady_mean(key) for key in self.steady_keys}
+        return summary
+
+    def finish(self, summary: dict) -> dict:
+        """End the run: `save_outputs()` on every rank (it may be a collective), then summary.json (rank 0); the logs
+        closed, every rank done. Returns `summary`."""
+        self.save_outputs()
+        if self.rank == 0:
+            write_json_atomic(self.out / "summary.json", summary)
+        self.logger.close()
+        barrier()
+        return summary
+
+
+def training_cli(parser: HfArgumentParser, trainer: Callable[..., StepTrainer], argv: list[str] | None,
+                 show: Callable[[dict], str] = str) -> None:
+    """A training tool's command line: parse `argv` into the trainer's arguments, train, and print the summary but
+    its args (rank 0, through `show`); a run stopped by SIGTERM / SIGUSR1 exits with status PREEMPTED_EXIT."""
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    run = trainer(args)
+    try:
+        summary = run.train()
+    except Preempted as err:
+        exit_preempted(err)
+    if run.rank == 0:
+        print(show({k: v for k, v in summary.items() if k != "args"}))
+    end_process_group()

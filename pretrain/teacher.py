@@ -14,7 +14,8 @@ from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from llava_uta.model.openclip_loader import create_openclip
+from llava_uta.model.model_source import ModelSource
+from llava_uta.model.open_clip_loader import create_open_clip
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -51,12 +52,12 @@ class CLIPTeacher(nn.Module):
         return cls(clip.visual, dtype_of(precision))
 
     @classmethod
-    def from_pretrained(cls, name: str, pretrained: str | None = None, precision: str = "fp32",
+    def from_pretrained(cls, source: str | ModelSource, precision: str = "fp32",
                         random_weights: bool = False) -> CLIPTeacher:
-        """An open_clip model by name + local weights (open_clip or EVA-CLIP layout) or 'local-dir:PATH'
-        (`random_weights`: a name alone, on purpose; timing only)."""
+        """An open_clip model source: open_clip:NAME@WEIGHTS (open_clip or EVA-CLIP layout) or
+        open_clip:local-dir:DIR (`random_weights`: a NAME alone, on purpose; timing only)."""
         dtype = dtype_of(precision)  # refuse a bad flag before loading a large model
-        return cls(create_openclip(name, pretrained, random_weights=random_weights).visual, dtype)
+        return cls(create_open_clip(source, random_weights=random_weights).visual, dtype)
 
     def train(self, mode: bool = True) -> CLIPTeacher:
         return super().train(False)  # always frozen

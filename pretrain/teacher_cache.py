@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from llava_uta.io_utils import write_json_atomic
 from llava_uta.model.checkpoint import save_state_dict_file
+from llava_uta.model.model_source import parse_model_source, with_weights_flag
 
 ENCODINGS = ("fp16", "fp8")
 FP8_MAX = 448.0  # the largest finite float8 e4m3 value
@@ -61,6 +62,12 @@ class TeacherCache:
         return self.root / f"view{view:03d}_shard{shard:05d}.safetensors"
 
     def describe(self, **fields) -> dict:
+        """cache.json's content. A `teacher` source (with the deprecated `teacher_pretrained` file) is recorded as the
+        open_clip model and weights file it loads, so every spelling of one teacher finds the same cache."""
+        if "teacher" in fields:
+            teacher = parse_model_source(with_weights_flag(fields["teacher"], fields.get("teacher_pretrained"),
+                                                           "--teacher", "--teacher_pretrained"))
+            fields |= {"teacher": teacher.target, "teacher_pretrained": teacher.weights}
         return {"format": 1, "shard_size": self.shard_size, "encoding": self.encoding, **fields}
 
     def is_complete(self, description: dict) -> bool:

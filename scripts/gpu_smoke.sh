@@ -109,7 +109,7 @@ stage teacher llava-uta-train-clip --train-csv "$OUT/shapes/clip/captions.csv" -
 
 # 2. UTA pre-training: bf16, drop path, DeepSpeed ZeRO-1 on NUM_GPUS ranks (DeepSpeed on one GPU too)
 stage pretrain "${ds[@]}" --master_port "$(free_port)" --module pretrain.train \
-  --data_path "$OUT/shapes/pretrain/train" --output_dir "$OUT/student" --teacher "local-dir:$OUT/teacher" \
+  --data_path "$OUT/shapes/pretrain/train" --output_dir "$OUT/student" --teacher "open_clip:local-dir:$OUT/teacher" \
   --teacher_precision bf16 --model "$MODEL" --image_size "$IMAGE_SIZE" --drop_path "$DROP_PATH" --bf16 \
   --deepspeed --zero_stage 1 --max_steps "$STEPS" --warmup_steps 1 --batch_size $((NUM_GPUS * MICRO_BATCH)) \
   --micro_batch_size "$MICRO_BATCH" --workers 2 --log_every 1 --save_every 1000000

@@ -5,8 +5,8 @@
 # Multi-node: put the nodes in HOSTFILE. Extra arguments are passed to llava-uta-pretrain.
 set -euo pipefail
 DATA=${DATA:-/data/imagenet21k/train}                # ImageFolder root, or a folder of tar shards
-TEACHER=${TEACHER:-EVA01-g-14-plus}                  # open_clip name
-TEACHER_WEIGHTS=${TEACHER_WEIGHTS:-/ckpt/EVA01_CLIP_g_14_plus_psz14_s11B.pt}
+TEACHER=${TEACHER:-EVA01-g-14-plus}                  # open_clip name: the teacher is open_clip:TEACHER@TEACHER_WEIGHTS
+TEACHER_WEIGHTS=${TEACHER_WEIGHTS:-/ckpt/EVA01_CLIP_g_14_plus_psz14_s11B.pt}   # (docs/model-sources.md)
 MODEL=${MODEL:-uta_b14_224}
 MASK_RATIO=${MASK_RATIO:-0.4}
 DROP_PATH=${DROP_PATH:-0.0}
@@ -19,7 +19,7 @@ launcher=(deepspeed --num_gpus "$GPUS")
 [ -n "$HOSTFILE" ] && launcher=(deepspeed --hostfile "$HOSTFILE")
 "${launcher[@]}" --module pretrain.train \
   --data_path "$DATA" --output_dir "$OUT" \
-  --teacher "$TEACHER" --teacher_pretrained "$TEACHER_WEIGHTS" --teacher_precision bf16 \
+  --teacher "open_clip:$TEACHER@$TEACHER_WEIGHTS" --teacher_precision bf16 \
   --model "$MODEL" --objective uta --masking reversed_block --mask_ratio "$MASK_RATIO" \
   --epochs 150 --batch_size 4096 --micro_batch_size "$MICRO_BATCH" \
   --lr 1.5e-3 --min_lr 1e-5 --warmup_epochs 1 --weight_decay 0.05 --adam_beta2 0.98 --grad_clip 3.0 \

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def engine_args(world: Path, teacher: Path, out: Path, **overrides) -> PretrainArguments:
     """A few steps of uta_test_p8_32 on a tiny world's pre-training images (overrides replace any field)."""
-    args = dict(data_path=str(world / "pretrain/train"), output_dir=str(out), teacher=f"local-dir:{teacher}",
+    args = dict(data_path=str(world / "pretrain/train"), output_dir=str(out), teacher=f"open_clip:local-dir:{teacher}",
                 model="uta_test_p8_32", mask_ratio=0.5, max_steps=4, batch_size=16, micro_batch_size=8, lr=1e-3,
                 warmup_steps=1, workers=0, save_every=100, log_every=1, drop_path=0.1, crop_min_scale=0.5)
     args.update(overrides)

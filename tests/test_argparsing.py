@@ -24,8 +24,8 @@ def test_dashes_and_underscores_are_one_flag_in_groups_and_subcommands():
     answer = bench_parser().parse_args(["answer", "--model_path", "m", "--question_file", "q", "--answers_file", "a",
                                         "--image_folder", "i"])
     assert (answer.model_path, answer.question_file) == ("m", "q")
-    convert = convert_parser().parse_args(["--from_open_clip", "local-dir:t", "out"])
-    assert convert.from_open_clip == "local-dir:t" and convert.out == "out"
+    convert = convert_parser().parse_args(["--from_open_clip", "open_clip:local-dir:t", "out"])
+    assert convert.from_open_clip == "open_clip:local-dir:t" and convert.out == "out"
 
 
 def test_the_old_console_names_say_the_new_one_and_run_the_tool(capsys, monkeypatch):

@@ -59,7 +59,7 @@ def test_training_the_blind_tower_never_trains_its_patch_embedding(towers, tmp_p
 
 def test_blind_needs_exactly_one_source(tmp_path):
     with pytest.raises(SystemExit):
-        convert_main(["--blind", str(tmp_path / "a"), "--from-open-clip", "ViT-B-16", str(tmp_path / "b")])
+        convert_main(["--blind", str(tmp_path / "a"), "--from-open-clip", "open_clip:ViT-B-16", str(tmp_path / "b")])
 
 
 def test_random_init_tower_is_the_probes_random_twin(tmp_path):

@@ -53,7 +53,7 @@ def towers(tmp_path_factory) -> dict[str, Path]:
 
 def finetune_args(world: Path, towers: dict, out: Path, **overrides) -> FinetuneArguments:
     args = dict(train_data=str(world / "clip/captions.csv"), output_dir=str(out), init=str(towers["student"]),
-                text_model=f"local-dir:{towers['teacher']}", max_steps=4, batch_size=16, micro_batch_size=8,
+                text_model=f"open_clip:local-dir:{towers['teacher']}", max_steps=4, batch_size=16, micro_batch_size=8,
                 lr=1e-3, warmup_steps=1, workers=0, save_every=100, log_every=1)
     args.update(overrides)
     return FinetuneArguments(**args)
@@ -123,7 +123,7 @@ def test_temperature_stays_fixed_and_the_output_loads_everywhere(world, towers, 
         assert torch.allclose(released.encode_image(images), model.encode_image(images), atol=1e-5)
 
     results = tmp_path / "zeroshot.json"
-    zeroshot_main(["--model", "uta", "--checkpoint", str(out), "--imagenet", str(world / "zeroshot/val"),
+    zeroshot_main(["--model", f"uta:{out}", "--imagenet", str(world / "zeroshot/val"),
                    "--classnames", str(world / "zeroshot/classnames.json"), "--templates",
                    str(world / "zeroshot/templates.json"), "--out", str(results), "--workers", "0"])
     assert json.loads(results.read_text())["classification"]["top1"] == pytest.approx(summary["zeroshot"]["top1"])

@@ -246,7 +246,7 @@ def test_student_exports_to_the_official_layout_and_loads_back(tmp_path):
     save_local_dir(teacher, clip_cfg, tmp_path / "teacher")
     out = tmp_path / "official.safetensors"
     convert_main([str(tmp_path / "student.safetensors"), str(out), "--to", "official",
-                  "--text-model", f"local-dir:{tmp_path / 'teacher'}"])
+                  "--text-model", f"open_clip:local-dir:{tmp_path / 'teacher'}"])
     loaded = load_official_checkpoint(out, text_heads=1)  # strict: every key used, RoPE tables checked
     images = torch.randn(2, 3, 32, 32)
     tokens = open_clip.SimpleTokenizer(context_length=16)(["a red circle.", "a star."])

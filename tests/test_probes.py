@@ -23,11 +23,12 @@ from llava_uta.eval.probe.patchprobe import merged_index, neighbourhoods, patch_
 from llava_uta.eval.probe.towers import load_tower, parse_tower
 from llava_uta.model.checkpoint import save_uta_vit
 from llava_uta.model.convert import convert
-from llava_uta.model.openclip_tower import convert_open_clip
+from llava_uta.model.model_source import ModelSource
+from llava_uta.model.open_clip_tower import convert_open_clip
 from llava_uta.model.uta_vit import build_uta_vit
 from pretrain.train_clip import save_local_dir
 
-OPENCLIP_CFG = {
+OPEN_CLIP_CFG = {
     "embed_dim": 24,
     "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16, "mlp_ratio": 2.0},
     "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
@@ -52,8 +53,8 @@ def student(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> Path:
     torch.manual_seed(2)
-    out = tmp_path_factory.mktemp("openclip") / "teacher"
-    save_local_dir(open_clip.CLIP(**OPENCLIP_CFG), OPENCLIP_CFG, out)
+    out = tmp_path_factory.mktemp("open_clip") / "teacher"
+    save_local_dir(open_clip.CLIP(**OPEN_CLIP_CFG), OPEN_CLIP_CFG, out)
     return out
 
 
@@ -175,12 +176,16 @@ def test_patch_labels_agree_with_the_rendered_pixels():
 
 def test_parse_tower_specs(student, teacher, tmp_path):
     spec = parse_tower(f"uta={student}")
-    assert (spec.label, spec.kind, spec.target, spec.random_init) == ("uta", "uta", str(student), False)
-    assert parse_tower(str(teacher)).target == f"local-dir:{teacher}"
-    named = parse_tower("random:openclip:ViT-B-16@/w/vit.bin")
-    assert (named.kind, named.target, named.weights, named.random_init) == ("openclip", "ViT-B-16", "/w/vit.bin", True)
-    assert parse_tower(named.spec) == named
-    assert spec.twin().label == "random init (uta)" and spec.twin().random_init
+    assert (spec.label, spec.source) == ("uta", ModelSource("uta", str(student)))
+    assert parse_tower(f"uta:{student}").source == spec.source
+    assert parse_tower(str(teacher)).source == ModelSource("open_clip", f"local-dir:{teacher}")
+    assert parse_tower(f"teacher=open_clip:local-dir:{teacher}").source == parse_tower(str(teacher)).source
+    named = parse_tower("random:open_clip:ViT-B-16@/w/vit.bin")
+    assert named.source == ModelSource("open_clip", "ViT-B-16", "/w/vit.bin", random_init=True)
+    assert parse_tower(str(named.source)) == named
+    assert spec.twin().label == "random init (uta)" and spec.twin().source.random_init
+    with pytest.warns(FutureWarning, match="the prefix 'openclip:' is deprecated"):
+        assert parse_tower(f"teacher=openclip:local-dir:{teacher}").source == parse_tower(str(teacher)).source
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         parse_tower(str(tmp_path / "nope.safetensors"))
     with pytest.raises(FileNotFoundError, match="neither open_clip_config.json"):
@@ -193,8 +198,8 @@ def test_layers_index_hidden_states_the_same_way_for_every_loader(student, teach
     hf_uta = convert(student, tmp_path / "uta")
     _, hidden = uta.module.forward_blocks(images)
     hf_hidden = AutoModel.from_pretrained(hf_uta)(pixel_values=images, output_hidden_states=True).hidden_states
-    clip = load_tower(parse_tower(f"openclip:local-dir:{teacher}"))
-    hf_clip_dir = convert_open_clip(f"local-dir:{teacher}", tmp_path / "clip")
+    clip = load_tower(parse_tower(f"open_clip:local-dir:{teacher}"))
+    hf_clip_dir = convert_open_clip(f"open_clip:local-dir:{teacher}", tmp_path / "clip")
     hf_clip = load_tower(parse_tower(f"hf:{hf_clip_dir}"))
     for layer in (-2, -1, 1):
         prefix, patches = uta.tokens(images, layer)

@@ -79,15 +79,15 @@ def test_grid_alignment(vit_clip):
 
 def test_from_pretrained_local_dir_and_precision(vit_clip, tmp_path):
     save_local_dir(vit_clip, VIT_CFG, tmp_path / "teacher")
-    teacher = CLIPTeacher.from_pretrained(f"local-dir:{tmp_path / 'teacher'}")
+    teacher = CLIPTeacher.from_pretrained(f"open_clip:local-dir:{tmp_path / 'teacher'}")
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(teacher(images)[:, 0], vit_clip.encode_image(images), atol=1e-5)
-    bf16 = CLIPTeacher.from_pretrained(f"local-dir:{tmp_path / 'teacher'}", precision="bf16")
+    bf16 = CLIPTeacher.from_pretrained(f"open_clip:local-dir:{tmp_path / 'teacher'}", precision="bf16")
     assert next(bf16.parameters()).dtype == torch.bfloat16
     assert F.cosine_similarity(bf16(images), teacher(images), dim=-1).min() > 0.98
     with pytest.raises(ValueError, match="precision"):
-        CLIPTeacher.from_pretrained("local-dir:x", precision="int3")
+        CLIPTeacher.from_pretrained("open_clip:local-dir:x", precision="int3")
 
 
 def test_clip_batches_are_whole_groups():

@@ -57,7 +57,7 @@ def test_bad_sizes_are_refused(student):
     with pytest.raises(ValueError, match="positive"):
         load_uta_vit(student, img_size=0)
     with pytest.raises(SystemExit):
-        convert_main(["--from-open-clip", "local-dir:x", "out", "--image-size", "48"])
+        convert_main(["--from-open-clip", "open_clip:local-dir:x", "out", "--image-size", "48"])
 
 
 def test_student_converts_to_a_48px_tower_without_drop_path(student, tmp_path):

@@ -116,9 +116,9 @@ def _run_classification(tmp_path, *model_args):
 
 
 def test_classification_with_an_official_checkpoint(tmp_path, official_checkpoint):
-    zs = load_zeroshot_model("uta", official_checkpoint)
+    zs = load_zeroshot_model(f"uta:{official_checkpoint}")
     _class_folder_with_known_answers(tmp_path, zs)
-    results = _run_classification(tmp_path, "--model", "uta", "--checkpoint", str(official_checkpoint))
+    results = _run_classification(tmp_path, "--model", f"uta:{official_checkpoint}")
     assert results["classification"] == {"top1": 0.5, "top5": 0.8, "num_images": 10, "num_classes": 7}
     assert not list((tmp_path / "results").glob(".*.tmp"))  # the temporary file was renamed into place
 
@@ -126,7 +126,7 @@ def test_classification_with_an_official_checkpoint(tmp_path, official_checkpoin
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """An open_clip model registered as "uta-test-clip", saved as a weights file."""
-    root = tmp_path_factory.mktemp("openclip")
+    root = tmp_path_factory.mktemp("open_clip")
     (root / "uta-test-clip.json").write_text(json.dumps(TINY_CLIP))
     open_clip.add_model_config(root / "uta-test-clip.json")
     torch.manual_seed(0)
@@ -137,7 +137,13 @@ def tiny_clip(tmp_path_factory):
 def test_classification_with_a_student_and_teacher_text(tmp_path, tiny_clip):
     torch.manual_seed(0)
     save_uta_vit(build_uta_vit("uta_test_p8_32"), tmp_path / "student.safetensors")
-    args = [
+    student, text = f"uta:{tmp_path / 'student.safetensors'}", f"open_clip:uta-test-clip@{tiny_clip}"
+    zs = load_zeroshot_model(student, text)
+    _class_folder_with_known_answers(tmp_path, zs)
+    assert _run_classification(tmp_path, "--model", student, "--text-model", text)["classification"]["top5"] == 0.8
+    with pytest.raises(ValueError, match="--text-model"):
+        load_zeroshot_model(student)
+    old = [  # the last release's spelling
         "--model",
         "uta",
         "--checkpoint",
@@ -147,18 +153,25 @@ def test_classification_with_a_student_and_teacher_text(tmp_path, tiny_clip):
         "--text-weights",
         str(tiny_clip),
     ]
-    zs = load_zeroshot_model("uta", tmp_path / "student.safetensors", "openclip:uta-test-clip", tiny_clip)
-    _class_folder_with_known_answers(tmp_path, zs)
-    assert _run_classification(tmp_path, *args)["classification"]["top5"] == 0.8
-    with pytest.raises(ValueError, match="--text-model"):
-        load_zeroshot_model("uta", tmp_path / "student.safetensors")
+    with pytest.warns(FutureWarning) as warned:
+        results = _run_classification(tmp_path, *old)
+    assert results["classification"]["top5"] == 0.8 and results["model"] == student
+    messages = [str(w.message) for w in warned]
+    assert any(f"write --model {student} " in m for m in messages)
+    assert any("'openclip:'" in m and "write 'open_clip:uta-test-clip'" in m for m in messages)
+    assert any(f"write --text-model {text} " in m for m in messages)
 
 
 def test_classification_with_an_open_clip_model(tmp_path, tiny_clip):
-    zs = load_zeroshot_model("openclip:uta-test-clip", tiny_clip)
+    source = f"open_clip:uta-test-clip@{tiny_clip}"
+    zs = load_zeroshot_model(source)
     _class_folder_with_known_answers(tmp_path, zs)
-    results = _run_classification(tmp_path, "--model", "openclip:uta-test-clip", "--checkpoint", str(tiny_clip))
+    results = _run_classification(tmp_path, "--model", source)
     assert (results["classification"]["top1"], results["classification"]["top5"]) == (0.5, 0.8)
+    with pytest.warns(FutureWarning) as warned:  # the last release's prefix and --checkpoint
+        old = _run_classification(tmp_path, "--model", "openclip:uta-test-clip", "--checkpoint", str(tiny_clip))
+    assert old["classification"] == results["classification"] and old["model"] == source
+    assert any(f"write --model {source} " in str(w.message) for w in warned)
 
 
 def test_retrieval_from_csv_and_karpathy_json(tmp_path, official_checkpoint):
@@ -185,9 +198,7 @@ def test_retrieval_from_csv_and_karpathy_json(tmp_path, official_checkpoint):
     main(
         [
             "--model",
-            "uta",
-            "--checkpoint",
-            str(official_checkpoint),
+            f"uta:{official_checkpoint}",
             "--retrieval",
             str(tmp_path / "captions.csv"),
             "--out",
@@ -197,7 +208,7 @@ def test_retrieval_from_csv_and_karpathy_json(tmp_path, official_checkpoint):
         ]
     )
     results = json.loads(out.read_text())["retrieval"]
-    zs = load_zeroshot_model("uta", official_checkpoint)
+    zs = load_zeroshot_model(f"uta:{official_checkpoint}")
     transform = clip_eval_transform(32)
     with torch.no_grad():
         img = zs.model.encode_image(torch.stack([transform(Image.open(p).convert("RGB")) for p in paths]), True)
@@ -220,9 +231,7 @@ def test_bad_inputs(tmp_path, official_checkpoint):
         main(
             [
                 "--model",
-                "uta",
-                "--checkpoint",
-                str(official_checkpoint),
+                f"uta:{official_checkpoint}",
                 "--imagenet",
                 str(tmp_path / "val"),
                 "--classnames",
@@ -236,5 +245,7 @@ def test_bad_inputs(tmp_path, official_checkpoint):
     (tmp_path / "bad.csv").write_text("path,caption\nx.png,hello\n")
     with pytest.raises(ValueError, match="`filepath` and `title` columns"):
         CaptionedImages(tmp_path / "bad.csv", transform=lambda im: im)
-    with pytest.raises(ValueError, match="unknown model source"):
-        load_zeroshot_model("clip", official_checkpoint)
+    with pytest.raises(FileNotFoundError, match="model source 'clip': no such file or folder"):
+        load_zeroshot_model("clip")
+    with pytest.raises(ValueError, match="is a transformers tower folder; a UTA checkpoint or an open_clip model"):
+        load_zeroshot_model(f"hf:{tmp_path}")

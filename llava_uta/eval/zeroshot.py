@@ -5,10 +5,12 @@ template), re-normalised; logits = 100 * normalised image embedding @ weights; t
 Retrieval: cosine similarity between all images and all captions; image->text counts an image as found at K
 if any of its captions ranks in the top K; text->image counts a caption as found if its image does.
 
-    llava-uta-zeroshot --model uta --checkpoint uta_b16.pt --imagenet val/ --out results.json
-    llava-uta-zeroshot --model uta --checkpoint runs/uta/student.safetensors \\
-        --text-model openclip:EVA01-g-14-plus --text-weights teacher.bin --imagenet val/ --out student.json
-    llava-uta-zeroshot --model openclip:ViT-B-16 --checkpoint vitb16.bin --retrieval coco_test.json --out r.json
+    llava-uta-zeroshot --model uta:uta_b16.pt --imagenet val/ --out results.json
+    llava-uta-zeroshot --model uta:runs/uta/student.safetensors \\
+        --text-model open_clip:EVA01-g-14-plus@teacher.bin --imagenet val/ --out student.json
+    llava-uta-zeroshot --model open_clip:ViT-B-16@vitb16.bin --retrieval coco_test.json --out r.json
+
+--model and --text-model are model sources (docs/model-sources.md).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from llava_uta.argparsing import ArgumentParser
 from llava_uta.eval.clip_models import ZeroShotModel, load_zeroshot_model
 from llava_uta.eval.zeroshot_data import CaptionedImages, class_folder, clip_eval_transform, load_json_list
 from llava_uta.io_utils import write_json_atomic
+from llava_uta.model.model_source import with_weights_flag
 
 # ---- metrics
 
@@ -187,10 +190,15 @@ def zero_shot_retrieval(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="'uta' or 'openclip:NAME'")
-    p.add_argument("--checkpoint", help="released UTA checkpoint, UTA student .safetensors, or open_clip weights")
-    p.add_argument("--text-model", help="openclip:NAME whose text tower and tokenizer pair with a UTA student")
-    p.add_argument("--text-weights", help="weights file of --text-model")
+    p.add_argument("--model", required=True, metavar="SOURCE",
+                   help="uta:FILE (a released UTA checkpoint, or a student with --text-model) or an open_clip model "
+                   "(open_clip:NAME@WEIGHTS, open_clip:local-dir:DIR); see docs/model-sources.md")
+    p.add_argument("--checkpoint", help="deprecated, goes in the next release: give --model uta:FILE or "
+                   "open_clip:NAME@FILE")
+    p.add_argument("--text-model", metavar="SOURCE",
+                   help="the open_clip model (e.g. open_clip:local-dir:DIR) whose text tower and tokenizer pair "
+                   "with a UTA student")
+    p.add_argument("--text-weights", help="deprecated, goes in the next release: give --text-model open_clip:NAME@FILE")
     p.add_argument("--imagenet", help="class-folder root for zero-shot classification")
     p.add_argument("--classnames", help="JSON list of class names, in sorted folder order (default: ImageNet)")
     p.add_argument("--templates", help='JSON list of prompt templates containing "{}" (default: OpenAI 80)')
@@ -205,16 +213,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.imagenet and not args.retrieval:
         p.error("give --imagenet and/or --retrieval")
+    args.model = with_weights_flag(args.model, args.checkpoint, "--model", "--checkpoint")
+    args.text_model = with_weights_flag(args.text_model, args.text_weights, "--text-model", "--text-weights")
     return args
 
 
 def evaluate(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
-    zs = load_zeroshot_model(args.model, args.checkpoint, args.text_model, args.text_weights)
+    zs = load_zeroshot_model(args.model, args.text_model)
     zs.model.to(device)
     if args.image_size:
         zs.image_size = args.image_size
-    results: dict = {"model": args.model, "checkpoint": args.checkpoint, "text_model": args.text_model}
+    results: dict = {"model": args.model, "text_model": args.text_model}
     if args.imagenet:
         results["classification"] = zero_shot_classification(
             zs, args.imagenet, args.classnames, args.templates, device, args.batch_size, args.workers, args.amp

@@ -5,12 +5,15 @@
     llava-uta-convert runs/uta/student.safetensors towers/uta-student      # a pre-training student (+ .json)
     llava-uta-convert runs/uta/student.safetensors towers/uta-336 --image-size 336   # a 224 px student at 336 px
     llava-uta-convert runs/uta/student.safetensors uta_student.safetensors --to official \
-        --text-model local-dir:runs/teacher                                 # the released key layout
-    llava-uta-convert --from-open-clip local-dir:runs/teacher towers/teacher   # an open_clip ViT CLIP, for comparison
+        --text-model open_clip:local-dir:runs/teacher                       # the released key layout
+    llava-uta-convert --from-open-clip open_clip:local-dir:runs/teacher towers/teacher   # an open_clip ViT CLIP
     llava-uta-convert --blind towers/uta-student towers/blind     # the blind baseline: patch embedding zeroed
     llava-uta-convert --random-init uta_tiny_p8_64 towers/random  # the untrained floor: a config's seeded init
     llava-uta-convert --symbolic shapes-symbolic towers/symbolic  # the diagnostic tower of a symbolic ShapesWorld
     llava-uta-convert --from-gguf shipped lm/smollm2               # the shipped SmolLM2 GGUF (or a .gguf path)
+
+Models are given as model sources (docs/model-sources.md): the checkpoint as FILE or uta:FILE; --from-open-clip
+and --text-model as open_clip:local-dir:DIR, open_clip:NAME@WEIGHTS or an open_clip folder.
 
 The folder loads with `AutoModel.from_pretrained` / `AutoImageProcessor.from_pretrained` once `llava_uta.model` is
 imported, and serves as the vision tower of a Llava model. `--image-size` resamples the absolute position embedding
@@ -30,9 +33,10 @@ from llava_uta.model.blind_tower import blind_tower
 from llava_uta.model.checkpoint import save_state_dict_file
 from llava_uta.model.hf_vision import UTAVisionModel
 from llava_uta.model.language_model import gguf_to_hf, shipped_lm_file
+from llava_uta.model.model_source import parse_model_source, with_weights_flag
 from llava_uta.model.official import export_official, load_any_uta_vit
-from llava_uta.model.openclip_loader import create_openclip
-from llava_uta.model.openclip_tower import convert_open_clip
+from llava_uta.model.open_clip_loader import create_open_clip
+from llava_uta.model.open_clip_tower import convert_open_clip
 from llava_uta.model.processors import clip_image_processor
 from llava_uta.model.symbolic_tower import symbolic_tower
 from llava_uta.model.uta_vit import UTA_VIT_CONFIGS, UTAViT, build_uta_vit
@@ -65,7 +69,7 @@ def export_to_official(checkpoint: str | os.PathLike, out_file: str | os.PathLik
                        kind: str = "auto", image_size: int | None = None) -> Path:
     """Write a checkpoint in the released key layout (.safetensors), with the text tower of an open_clip model."""
     vit = load_any_uta_vit(checkpoint, kind, image_size)
-    clip = create_openclip(text_model) if text_model else None
+    clip = create_open_clip(text_model) if text_model else None
     save_state_dict_file(export_official(vit, clip), out_file)
     return Path(out_file)
 
@@ -73,12 +77,13 @@ def export_to_official(checkpoint: str | os.PathLike, out_file: str | os.PathLik
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", nargs="?",
-                        help="released UTA checkpoint, or student .safetensors with its .json")
+                        help="released UTA checkpoint, or student .safetensors with its .json (FILE or uta:FILE)")
     parser.add_argument("out", help="tower folder to write (--to hf), or a .safetensors file (--to official)")
-    parser.add_argument("--from-open-clip", metavar="NAME",
-                        help="convert this open_clip ViT CLIP (local-dir:PATH, or a name such as ViT-B-16 with "
-                        "--open-clip-pretrained) to a transformers CLIP vision tower instead of a UTA checkpoint")
-    parser.add_argument("--open-clip-pretrained", metavar="PATH", help="with --from-open-clip NAME: its weights file")
+    parser.add_argument("--from-open-clip", metavar="SOURCE",
+                        help="convert this open_clip ViT CLIP (open_clip:local-dir:DIR, open_clip:NAME@WEIGHTS; see "
+                        "docs/model-sources.md) to a transformers CLIP vision tower instead of a UTA checkpoint")
+    parser.add_argument("--open-clip-pretrained", metavar="PATH",
+                        help="deprecated, goes in the next release: give --from-open-clip open_clip:NAME@PATH")
     parser.add_argument("--blind", metavar="TOWER_DIR",
                         help="copy this tower folder with its patch embedding zeroed: every image gives the same "
                         "tokens (the blind baseline for LLaVA)")
@@ -95,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kind", choices=("auto", "official", "student"), default="auto")
     parser.add_argument("--to", choices=("hf", "official"), default="hf",
                         help="a transformers vision-tower folder, or the released UTA key layout")
-    parser.add_argument("--text-model", help="with --to official: open_clip model (e.g. local-dir:runs/teacher) "
-                        "whose text tower is written as text.*")
+    parser.add_argument("--text-model", metavar="SOURCE",
+                        help="with --to official: the open_clip model (e.g. open_clip:local-dir:runs/teacher; see "
+                        "docs/model-sources.md) whose text tower is written as text.*")
     parser.add_argument("--image-size", type=int, metavar="PX",
                         help="input size of the written model, e.g. 336 for a 224 px student (position embedding "
                         "resampled, RoPE rebuilt for the new grid); default: the checkpoint's own")
@@ -108,13 +114,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     sources = (args.checkpoint, args.from_open_clip, args.blind, args.random_init, args.symbolic, args.from_gguf)
     if sum(x is not None for x in sources) != 1:
-        parser.error("give one of: a UTA checkpoint, --from-open-clip NAME, --blind TOWER_DIR, --random-init CONFIG, "
+        parser.error("give one of: a UTA checkpoint, --from-open-clip SOURCE, --blind TOWER_DIR, --random-init CONFIG, "
                      "--symbolic WORLD, --from-gguf FILE")
     if args.random_init and args.random_init not in UTA_VIT_CONFIGS:
         parser.error(f"--random-init {args.random_init!r}: not a UTA ViT config; choose one of "
                      f"{', '.join(UTA_VIT_CONFIGS)}")
     if args.open_clip_pretrained and not args.from_open_clip:
         parser.error("--open-clip-pretrained needs --from-open-clip NAME")
+    checkpoint = parse_model_source(args.checkpoint, ("uta",)) if args.checkpoint else None
+    if checkpoint and checkpoint.random_init:
+        parser.error(f"{args.checkpoint}: random: is not taken here; --random-init CONFIG writes an untrained tower")
     if args.image_size is not None and args.checkpoint is None:
         parser.error("--image-size applies to a UTA checkpoint (student or released), not to another tower")
     if args.from_gguf:
@@ -128,11 +137,13 @@ def main(argv: list[str] | None = None) -> None:
     elif args.from_open_clip:
         if args.to != "hf":
             parser.error("--from-open-clip writes a transformers tower folder only (--to hf)")
-        out = convert_open_clip(args.from_open_clip, args.out, args.open_clip_pretrained)
+        source = with_weights_flag(args.from_open_clip, args.open_clip_pretrained, "--from-open-clip",
+                                   "--open-clip-pretrained")
+        out = convert_open_clip(source, args.out)
     elif args.to == "official":
-        out = export_to_official(args.checkpoint, args.out, args.text_model, args.kind, args.image_size)
+        out = export_to_official(checkpoint.target, args.out, args.text_model, args.kind, args.image_size)
     else:
-        out = convert(args.checkpoint, args.out, args.kind, args.image_size)
+        out = convert(checkpoint.target, args.out, args.kind, args.image_size)
     print(f"wrote {out}")
 
 

@@ -45,7 +45,7 @@ from llava_uta.model.projector import (
 
 SELECT_FEATURES = {"patch": "default", "cls_patch": "full"}
 
-ModelSource = str | os.PathLike | PretrainedConfig | PreTrainedModel
+PartSource = str | os.PathLike | PretrainedConfig | PreTrainedModel  # a folder or file, a config, a model
 
 
 def add_image_token(tokenizer) -> int:
@@ -71,7 +71,7 @@ def resize_embeddings(model: PreTrainedModel, num_tokens: int) -> None:
             weight[old:] = weight[:old].mean(0, keepdim=True)
 
 
-def load_vision_tower(source: ModelSource) -> PreTrainedModel:
+def load_vision_tower(source: PartSource) -> PreTrainedModel:
     if isinstance(source, PreTrainedModel):
         return source
     if isinstance(source, PretrainedConfig):
@@ -81,7 +81,7 @@ def load_vision_tower(source: ModelSource) -> PreTrainedModel:
     return AutoModel.from_pretrained(source)
 
 
-def load_language_model(source: ModelSource, dtype: torch.dtype | None = None) -> PreTrainedModel:
+def load_language_model(source: PartSource, dtype: torch.dtype | None = None) -> PreTrainedModel:
     if isinstance(source, PreTrainedModel):
         return source
     if isinstance(source, PretrainedConfig):
@@ -89,7 +89,7 @@ def load_language_model(source: ModelSource, dtype: torch.dtype | None = None) -
     return language_model.load_language_model(source, dtype)
 
 
-def _path_or_none(source: ModelSource) -> str | None:
+def _path_or_none(source: PartSource) -> str | None:
     return str(source) if isinstance(source, str | os.PathLike) else None
 
 
@@ -102,8 +102,8 @@ def num_image_tokens(vision_config: PretrainedConfig, select_strategy: str, fact
 
 
 def build_llava(
-    language_model: ModelSource,
-    vision_tower: ModelSource,
+    language_model: PartSource,
+    vision_tower: PartSource,
     tokenizer,
     projector_type: str = "mlp2x_gelu",
     select_layer: int = -2,
@@ -162,8 +162,8 @@ def build_llava(
 
 
 def recorded_parts(
-    config: LlavaConfig, model_base: ModelSource | None = None, vision_tower: ModelSource | None = None
-) -> tuple[ModelSource, ModelSource]:
+    config: LlavaConfig, model_base: PartSource | None = None, vision_tower: PartSource | None = None
+) -> tuple[PartSource, PartSource]:
     """(base LLM, tower) of a training output: the given ones, else the paths its config.json records."""
     model_base = model_base or getattr(config, "mm_language_model", None)
     vision_tower = vision_tower or getattr(config, "mm_vision_tower", None)
@@ -176,8 +176,8 @@ def recorded_parts(
 def rebuild_llava(
     config: LlavaConfig,
     tokenizer,
-    model_base: ModelSource | None = None,
-    vision_tower: ModelSource | None = None,
+    model_base: PartSource | None = None,
+    vision_tower: PartSource | None = None,
     dtype: torch.dtype | None = None,
 ) -> LlavaForConditionalGeneration:
     """A fresh Llava assembled as a training output's config.json records it (`build_llava` with its settings).

@@ -213,7 +213,7 @@ def save_official(clip: UTACLIP, path: str | os.PathLike) -> None:
     save_state_dict_file(state, path, metadata={"format": "pt", "text_heads": str(clip.text.heads)})
 
 
-def openclip_text_tower(clip: nn.Module, tokenizer: Callable[[list[str]], Tensor], source: str) -> TextTransformer:
+def open_clip_text_tower(clip: nn.Module, tokenizer: Callable[[list[str]], Tensor], source: str) -> TextTransformer:
     """The text tower of an open_clip CLIP as the standalone TextTransformer of the released layout (`text.*`).
 
     The released layout holds a plain GELU TextTransformer; a tower it cannot express (QuickGELU, a Hugging Face

@@ -145,11 +145,11 @@ def pretrain_argv(paths: Layout, out: Path, seed: int, batch: int, warmup: int) 
     model, optimiser, views, zero-shot evaluation; the caller adds the budget and the student's own flags."""
     r, zs = RECIPE, paths.data / "zeroshot"
     return ["--data_path", str(paths.data / "pretrain" / "train"), "--output_dir", str(out), "--resume",
-            "--teacher", f"local-dir:{paths.teacher}", "--model", r.student_model, "--mask_ratio", str(r.mask_ratio),
-            "--batch_size", str(batch), "--micro_batch_size", str(batch), "--lr", str(r.student_lr),
-            "--warmup_steps", str(warmup), "--crop_min_scale", str(r.student_crop_min_scale), "--workers", "1",
-            "--seed", str(seed), "--eval_data", str(zs / "val"), "--eval_classnames", str(zs / "classnames.json"),
-            "--eval_templates", str(zs / "templates.json")]
+            "--teacher", f"open_clip:local-dir:{paths.teacher}", "--model", r.student_model,
+            "--mask_ratio", str(r.mask_ratio), "--batch_size", str(batch), "--micro_batch_size", str(batch),
+            "--lr", str(r.student_lr), "--warmup_steps", str(warmup), "--crop_min_scale", str(r.student_crop_min_scale),
+            "--workers", "1", "--seed", str(seed), "--eval_data", str(zs / "val"),
+            "--eval_classnames", str(zs / "classnames.json"), "--eval_templates", str(zs / "templates.json")]
 
 
 class RunState:
@@ -230,7 +230,7 @@ class Pipeline:
             for tower, title, argv in (
                 ("blind", "blind tower: UTA's with its patch embedding zeroed",
                  ["--blind", str(p.tower("uta"))]),
-                ("teacher", "teacher CLIP -> LLaVA tower", ["--from-open-clip", f"local-dir:{p.teacher}"]),
+                ("teacher", "teacher CLIP -> LLaVA tower", ["--from-open-clip", f"open_clip:local-dir:{p.teacher}"]),
                 ("random", "random-init tower: the student's architecture, untrained",
                  ["--random-init", RECIPE.student_model, "--seed", str(self.seed)]),
             ):
@@ -337,7 +337,8 @@ class Pipeline:
         """The paper's second stage at this scale: LAMB with layer decay, T = 0.01, on the teacher's captions."""
         p, prof, r, zs = self.paths, self.profile, RECIPE, self.paths.data / "zeroshot"
         return ["--train_data", str(p.data / "clip" / "captions.csv"), "--output_dir", str(p.finetuned("uta")),
-                "--init", str(p.student("uta") / "student.safetensors"), "--text_model", f"local-dir:{p.teacher}",
+                "--init", str(p.student("uta") / "student.safetensors"),
+                "--text_model", f"open_clip:local-dir:{p.teacher}",
                 "--max_steps", str(prof.finetune_steps), "--batch_size", str(prof.finetune_batch),
                 "--micro_batch_size", str(prof.finetune_batch), "--lr", str(r.finetune_lr),
                 "--warmup_steps", str(warmup_steps(prof.finetune_steps, r.finetune_warmup_divisor)),
@@ -364,7 +365,7 @@ class Pipeline:
 
     def probe_towers(self) -> list[str]:
         """--tower flags: the teacher and the probed students; --random-init adds their architectures' twins."""
-        towers = ["--tower", f"teacher=openclip:local-dir:{self.paths.teacher}"]
+        towers = ["--tower", f"teacher=open_clip:local-dir:{self.paths.teacher}"]
         for name in PROBED:
             towers += ["--tower", f"{name}={self.paths.student(name) / 'student.safetensors'}"]
         return [*towers, "--random-init", "--seed", str(self.seed), "--workers", "0"]  # tiny images: no worker

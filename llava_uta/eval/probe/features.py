@@ -62,10 +62,10 @@ def add_tower_arguments(parser: argparse.ArgumentParser, default_layer: int) -> 
     from llava_uta.eval.probe.linear import METHODS
 
     towers = parser.add_argument_group("towers")
-    towers.add_argument("--tower", action="append", required=True, metavar="[LABEL=]SPEC",
-                        help="a tower to probe (repeat for several): a UTA student / released checkpoint, openclip:NAME"
-                        "[@WEIGHTS], an open_clip or transformers tower folder, random:SPEC (see llava_uta/eval/probe/"
-                        "towers.py)")
+    towers.add_argument("--tower", action="append", required=True, metavar="[LABEL=]SOURCE",
+                        help="a tower to probe (repeat for several), as a model source: a UTA student / released "
+                        "checkpoint, open_clip:NAME@WEIGHTS, an open_clip or transformers tower folder, random:SOURCE "
+                        "(see docs/model-sources.md)")
     towers.add_argument("--random-init", action="store_true",
                         help="also probe each tower's architecture with fresh weights (seeded by --seed), the floor; "
                         "towers of one architecture share one twin")
@@ -97,7 +97,7 @@ def probe_kwargs(args: argparse.Namespace) -> dict:
 
 
 def iter_towers(specs: Sequence[str], random_init: bool, seed: int, device: str) -> Iterator[FrozenTower]:
-    """Load the towers one at a time (parsed from [LABEL=]SPEC), then the random-init twin of each architecture."""
+    """Load the towers one at a time (parsed from [LABEL=]SOURCE), then the random-init twin of each architecture."""
     parsed = [parse_tower(s) for s in specs]
     labels = [p.label for p in parsed]
     if len(set(labels)) != len(labels):
@@ -105,7 +105,7 @@ def iter_towers(specs: Sequence[str], random_init: bool, seed: int, device: str)
     twins: dict[str, TowerSpec] = {}
     for spec in parsed:
         tower = load_tower(spec, seed, device)
-        if random_init and not spec.random_init:
+        if random_init and not spec.source.random_init:
             twins.setdefault(tower.arch_key, spec.twin())
         yield tower
         del tower
@@ -115,7 +115,8 @@ def iter_towers(specs: Sequence[str], random_init: bool, seed: int, device: str)
 
 def tower_record(tower, extract_seconds: float, fit_seconds: float, **fields) -> dict:
     """One tower's entry of a probe's results JSON."""
-    return {"label": tower.label, "spec": tower.spec.spec, "random_init": tower.spec.random_init, **fields,
+    source = tower.spec.source
+    return {"label": tower.label, "spec": str(source), "random_init": source.random_init, **fields,
             "extract_seconds": round(extract_seconds, 2), "fit_seconds": round(fit_seconds, 2)}
 
 

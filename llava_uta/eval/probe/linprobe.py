@@ -2,7 +2,7 @@
 
     llava-uta-linprobe --train DATA/train --val DATA/val --out runs/probe/linprobe.json \\
         --tower uta=runs/shapes/students/uta/student.safetensors \\
-        --tower teacher=openclip:local-dir:runs/shapes/teacher --random-init
+        --tower teacher=open_clip:local-dir:runs/shapes/teacher --random-init
 
 Each tower (and, with --random-init, the same architecture with fresh seeded weights: the floor) encodes every
 image once, at its evaluation preprocessing, into one feature per image: the CLS token (--pool cls) or the mean of

@@ -3,7 +3,7 @@ tokens a tower gives LLaVA?
 
     llava-uta-patchprobe --data playground/data/shapes --out runs/shapes/probe/patch.json \\
         --tower uta=runs/shapes/students/uta/student.safetensors \\
-        --tower teacher=openclip:local-dir:runs/shapes/teacher --random-init
+        --tower teacher=open_clip:local-dir:runs/shapes/teacher --random-init
 
 Patches are labelled from the scene graphs in DATA/scenes.jsonl (llava_uta/eval/probe/data.py): by default every
 patch whose centre lies inside an object carries that object's colour / shape / size and background patches are left

@@ -1,13 +1,12 @@
 """Frozen vision towers for probing: every tower the project loads, and each one's random-init twin.
 
-A tower is given as `[LABEL=]SPEC` (LABEL defaults to SPEC):
-  PATH (.safetensors/.pt/.pth/.bin)  a UTA student (PATH.json beside it) or a released UTA checkpoint's vision tower
-  uta:PATH                           the same, explicitly
-  openclip:NAME[@WEIGHTS]            an open_clip model: a built-in name (random weights unless a local WEIGHTS file)
-  openclip:local-dir:DIR, or DIR     an open_clip folder (open_clip_config.json + weights), e.g. the teacher
+A tower is given as `[LABEL=]SOURCE` (LABEL defaults to SOURCE), SOURCE a model source (docs/model-sources.md):
+  FILE or uta:FILE                   a UTA student (FILE.json beside it) or a released UTA checkpoint's vision tower
+  open_clip:NAME@WEIGHTS             an open_clip model: a built-in name with a local weights file
+  open_clip:local-dir:DIR, or DIR    an open_clip folder (open_clip_config.json + weights), e.g. the teacher
   hf:DIR, or DIR                     a transformers vision-tower folder (config.json): llava-uta-convert's
                                      UTAVisionModel or CLIPVisionModel (mean/std from preprocessor_config.json)
-  random:SPEC                        SPEC's architecture with fresh weights (seeded); only its config is read
+  random:SOURCE                      SOURCE's architecture with fresh weights (seeded); only its config is read
 
 Layers follow transformers' `hidden_states`, which LLaVA's `vision_feature_layer` indexes: 0 is the input of the first
 block (embedded patches + position embedding), k the output of block k, negative values count from the end (-1 the
@@ -33,71 +32,30 @@ from torch import Tensor, nn
 
 from llava_uta.eval.zeroshot_data import clip_eval_transform
 from llava_uta.model.checkpoint import load_uta_vit_config, student_config_path
+from llava_uta.model.model_source import LOCAL_DIR, ModelSource, parse_model_source
 from llava_uta.model.official import load_any_uta_vit, load_official_visual
-from llava_uta.model.openclip_loader import create_openclip, openclip_model_config
+from llava_uta.model.open_clip_loader import create_open_clip, open_clip_model_config
 from llava_uta.model.uta_vit import UTAViT, UTAViTConfig
-
-KINDS = ("uta", "openclip", "hf")
-RANDOM_PREFIX = "random:"
 
 
 @dataclass(frozen=True)
 class TowerSpec:
-    """Where a tower comes from: kind, checkpoint / name / folder, optional weights, random init or not."""
+    """A tower to probe: its label and model source."""
 
     label: str
-    kind: str  # one of KINDS
-    target: str  # uta: checkpoint file; openclip: model name (or local-dir:DIR); hf: folder
-    weights: str | None = None  # openclip NAME only: a local weights file
-    random_init: bool = False
-
-    @property
-    def spec(self) -> str:
-        """The spec string that parses back to this tower (label aside)."""
-        body = f"{self.kind}:{self.target}" + (f"@{self.weights}" if self.weights else "")
-        return RANDOM_PREFIX + body if self.random_init else body
+    source: ModelSource
 
     def twin(self, label: str | None = None) -> TowerSpec:
         """The same architecture at random init (the floor of a probe)."""
-        return dataclasses.replace(self, label=label or f"random init ({self.label})", random_init=True)
+        return TowerSpec(label or f"random init ({self.label})", dataclasses.replace(self.source, random_init=True))
 
 
 def parse_tower(text: str) -> TowerSpec:
-    """Parse `[LABEL=]SPEC` (see the module docstring); raises naming what is missing."""
-    label, body = None, text
+    """Parse `[LABEL=]SOURCE` (see the module docstring); raises naming what is missing."""
     left, sep, right = text.partition("=")
     if sep and left and not any(c in left for c in "/\\:"):
-        label, body = left, right
-    default_label = body
-    random_init = body.startswith(RANDOM_PREFIX)
-    body = body.removeprefix(RANDOM_PREFIX)
-    weights = None
-    if body.startswith("openclip:"):
-        kind, target = "openclip", body.removeprefix("openclip:")
-        if not target.startswith("local-dir:") and "@" in target:
-            target, weights = target.split("@", 1)
-    elif body.startswith("hf:"):
-        kind, target = "hf", body.removeprefix("hf:")
-    elif body.startswith("uta:"):
-        kind, target = "uta", body.removeprefix("uta:")
-    else:
-        path = Path(body)
-        if path.is_dir():
-            if (path / "open_clip_config.json").is_file():
-                kind, target = "openclip", f"local-dir:{path}"
-            elif (path / "config.json").is_file():
-                kind, target = "hf", str(path)
-            else:
-                raise FileNotFoundError(f"tower {text!r}: folder {path} has neither open_clip_config.json (an "
-                                        f"open_clip folder) nor config.json (a transformers tower folder)")
-        elif path.is_file():
-            kind, target = "uta", str(path)
-        else:
-            raise FileNotFoundError(f"tower {text!r}: no such file or folder; give a UTA checkpoint, an open_clip or "
-                                    f"transformers tower folder, or openclip:NAME (optionally prefixed by random:)")
-    if not target:
-        raise ValueError(f"tower {text!r}: empty {kind} target")
-    return TowerSpec(label or default_label, kind, target, weights, random_init)
+        return TowerSpec(left, parse_model_source(right))
+    return TowerSpec(text, parse_model_source(text))
 
 
 def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
@@ -215,23 +173,23 @@ def _uta_from_vit(spec: TowerSpec, vit: UTAViT) -> UTATower:
 
 def load_uta_tower(spec: TowerSpec, seed: int = 0) -> UTATower:
     """A UTA student / released checkpoint, or (random_init) a fresh UTAViT of its config."""
-    path = Path(spec.target)
+    path = Path(spec.source.target)
     if not path.is_file():
         raise FileNotFoundError(f"{spec.label}: UTA checkpoint {path} not found")
-    if not spec.random_init:
+    if not spec.source.random_init:
         return _uta_from_vit(spec, load_any_uta_vit(path))
     cfg = load_uta_vit_config(path) if student_config_path(path).is_file() else load_official_visual(path).cfg
     cfg = dataclasses.replace(cfg, drop_path_rate=0.0)
     return _uta_from_vit(spec, _seeded(seed, lambda: UTAViT(cfg)))
 
 
-def load_openclip_tower(spec: TowerSpec, seed: int = 0) -> OpenCLIPTower:
+def load_open_clip_tower(spec: TowerSpec, seed: int = 0) -> OpenCLIPTower:
     """An open_clip model's visual tower (weights from its folder or file), or its architecture at random init."""
-    name = spec.target
-    if spec.random_init:
-        model = _seeded(seed, lambda: create_openclip(name, load_weights=False))
+    name = spec.source.target
+    if spec.source.random_init:
+        model = _seeded(seed, lambda: create_open_clip(spec.source))
     else:
-        model = create_openclip(name, spec.weights)
+        model = create_open_clip(spec.source)
     visual = model.visual
     if isinstance(visual, VisionTransformer):
         patch_size, depth = visual.patch_size[0], visual.transformer.layers
@@ -243,8 +201,8 @@ def load_openclip_tower(spec: TowerSpec, seed: int = 0) -> OpenCLIPTower:
     cfg = open_clip.get_model_preprocess_cfg(model)
     size = cfg.get("size", 224)
     size = size if isinstance(size, int) else size[0]
-    model_cfg = openclip_model_config(name)
-    arch = {"kind": "openclip", "embed_dim": model_cfg.get("embed_dim"), "vision_cfg": model_cfg.get("vision_cfg", {})}
+    model_cfg = open_clip_model_config(name)
+    arch = {"kind": "open_clip", "embed_dim": model_cfg.get("embed_dim"), "vision_cfg": model_cfg.get("vision_cfg", {})}
     return OpenCLIPTower(spec, visual, size, patch_size, depth, arch,
                          tuple(cfg.get("mean", OPENAI_DATASET_MEAN)), tuple(cfg.get("std", OPENAI_DATASET_STD)))
 
@@ -255,7 +213,7 @@ def load_hf_tower(spec: TowerSpec, seed: int = 0) -> FrozenTower:
 
     from llava_uta.model.hf_vision import UTAVisionConfig, UTAVisionModel  # registers model type "uta_vision"
 
-    folder = Path(spec.target)
+    folder = Path(spec.source.target)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{spec.label}: {folder / 'config.json'} not found (a transformers tower folder)")
     config = AutoConfig.from_pretrained(folder)
@@ -267,14 +225,14 @@ def load_hf_tower(spec: TowerSpec, seed: int = 0) -> FrozenTower:
         raise ValueError(f"{folder / 'config.json'}: a vision tower config needs {missing}")
     if isinstance(config, UTAVisionConfig):
         vit_cfg = dataclasses.replace(config.to_vit_config(), drop_path_rate=0.0)
-        if spec.random_init:  # the UTAViT constructor's init, the same twin as a student checkpoint's
+        if spec.source.random_init:  # the UTAViT constructor's init, the same twin as a student checkpoint's
             vit = _seeded(seed, lambda: UTAViT(vit_cfg))
         else:
             vit = UTAVisionModel.from_pretrained(folder).vit
         mean, std = _processor_stats(folder, AutoImageProcessor)
         return UTATower(spec, vit, vit_cfg.img_size, vit_cfg.patch_size, vit_cfg.depth, _uta_arch(vit_cfg), mean, std)
     model_class = _saved_class(config) or AutoModel
-    if spec.random_init:
+    if spec.source.random_init:
         model = _seeded(seed, lambda: model_class.from_config(config) if model_class is AutoModel
                         else model_class(config))
     else:
@@ -306,32 +264,31 @@ def _processor_stats(folder: Path, auto_processor) -> tuple[tuple[float, ...], t
 
 LOADERS: dict[str, Callable[[TowerSpec, int], FrozenTower]] = {
     "uta": load_uta_tower,
-    "openclip": load_openclip_tower,
+    "open_clip": load_open_clip_tower,
     "hf": load_hf_tower,
 }
 
 
 def load_tower(spec: TowerSpec, seed: int = 0, device: torch.device | str = "cpu") -> FrozenTower:
     """Load (or, for random_init, build with `seed`) the tower `spec` names, frozen, on `device`."""
-    if spec.kind not in LOADERS:
-        raise ValueError(f"{spec.label}: unknown tower kind {spec.kind!r}; expected one of {KINDS}")
-    return LOADERS[spec.kind](spec, seed).to(device)
+    return LOADERS[spec.source.kind](spec, seed).to(device)
 
 
 def tower_fingerprint(spec: TowerSpec, seed: int) -> dict:
-    """What identifies a tower's weights for a feature cache: the spec, the seed or the files' sizes and times."""
-    if spec.random_init:
-        return {"spec": spec.spec, "seed": seed}
-    target = spec.target.removeprefix("local-dir:")
+    """What identifies a tower's weights for a feature cache: the source, the seed or the files' sizes and times."""
+    source = spec.source
+    if source.random_init:
+        return {"spec": str(source), "seed": seed}
+    target = source.target.removeprefix(LOCAL_DIR)
     paths = [Path(target)]
-    if spec.kind == "uta":
+    if source.kind == "uta":
         paths.append(student_config_path(target))
-    if spec.weights:
-        paths.append(Path(spec.weights))
+    if source.weights:
+        paths.append(Path(source.weights))
     files = []
     for p in paths:
         for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
             if f.is_file():
                 st = f.stat()
                 files.append([os.fspath(f), st.st_size, st.st_mtime_ns])
-    return {"spec": spec.spec, "files": files}
+    return {"spec": str(source), "files": files}

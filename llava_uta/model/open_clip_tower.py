@@ -1,6 +1,6 @@
 """An open_clip ViT CLIP (e.g. the teacher) as a transformers CLIP vision tower folder for Llava.
 
-    llava-uta-convert --from-open-clip local-dir:runs/teacher towers/teacher
+    llava-uta-convert --from-open-clip open_clip:local-dir:runs/teacher towers/teacher
 
 The folder holds a `CLIPVisionModelWithProjection` (model type `clip_vision_model`: the vision half of an OpenAI
 CLIP plus its image projection) and a `CLIPImageProcessor` with the model's open_clip preprocessing. Llava loads it
@@ -21,7 +21,8 @@ from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 from transformers.image_utils import PILImageResampling
 
-from llava_uta.model.openclip_loader import create_openclip
+from llava_uta.model.model_source import ModelSource, parse_model_source
+from llava_uta.model.open_clip_loader import create_open_clip
 from llava_uta.model.processors import clip_image_processor
 
 RESAMPLING = {"bicubic": PILImageResampling.BICUBIC, "bilinear": PILImageResampling.BILINEAR}
@@ -118,7 +119,7 @@ def to_clip_vision_model(visual: nn.Module, name: str = "the open_clip model") -
     return model.eval()
 
 
-def openclip_image_processor(clip: nn.Module, name: str = "the open_clip model") -> CLIPImageProcessor:
+def open_clip_image_processor(clip: nn.Module, name: str = "the open_clip model") -> CLIPImageProcessor:
     """open_clip's evaluation preprocessing (short-side resize, centre crop, its mean/std) as a CLIPImageProcessor."""
     cfg = PreprocessCfg(**merge_preprocess_dict(PreprocessCfg(), open_clip.get_model_preprocess_cfg(clip)))
     size = (cfg.size, cfg.size) if isinstance(cfg.size, int) else tuple(cfg.size)
@@ -134,13 +135,12 @@ def openclip_image_processor(clip: nn.Module, name: str = "the open_clip model")
     return clip_image_processor(size[0], cfg.mean, cfg.std, RESAMPLING[cfg.interpolation])
 
 
-def convert_open_clip(
-    name: str, out_dir: str | os.PathLike, pretrained: str | os.PathLike | None = None
-) -> Path:
-    """Write the vision tower folder of open_clip model `name` (local-dir:PATH, or NAME + a local weights file)."""
-    clip = create_openclip(name, pretrained)
-    model = to_clip_vision_model(clip.visual, name)
-    processor = openclip_image_processor(clip, name)
+def convert_open_clip(source: str | ModelSource, out_dir: str | os.PathLike) -> Path:
+    """Write the vision tower folder of an open_clip model source (open_clip:local-dir:DIR, open_clip:NAME@WEIGHTS)."""
+    source = parse_model_source(source, ("open_clip",))
+    clip = create_open_clip(source)
+    model = to_clip_vision_model(clip.visual, str(source))
+    processor = open_clip_image_processor(clip, str(source))
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)

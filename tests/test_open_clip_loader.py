@@ -12,7 +12,7 @@ from timm.models import register_model
 from timm.models.eva import Eva
 
 from llava_uta.model.checkpoint import CheckpointError
-from llava_uta.model.openclip_loader import create_openclip, openclip_tokenizer
+from llava_uta.model.open_clip_loader import create_open_clip, open_clip_tokenizer
 from pretrain.teacher import CLIPTeacher
 
 # tiny timm EVA trunks (32 px, patch 8) in the two EVA-CLIP generations: EVA-01 (EVA01-g-14-plus, the paper's teacher:
@@ -103,7 +103,7 @@ EVA02_CLIP_TO_OPEN_CLIP = {
 def eva_clip_checkpoint(name: str, eva02: bool, text_at_top: bool) -> dict[str, torch.Tensor]:
     """EVA-CLIP's vision tower (eva_clip_visual) and an open_clip text tower of config `name`, as EVA-CLIP saves them
     (the text tower under `text.`, or at the top level as in the older CLIP layout)."""
-    text = {k: v for k, v in create_openclip(name, random_weights=True).state_dict().items()
+    text = {k: v for k, v in create_open_clip(f"random:open_clip:{name}").state_dict().items()
             if not k.startswith("visual.")}
     if text_at_top:
         text = {k.removeprefix("text."): v for k, v in text.items()}
@@ -119,7 +119,7 @@ def test_eva_clip_layout_loads_every_tensor_where_eva_clip_uses_it(eva_clip_conf
     checkpoint = eva_clip_checkpoint(name, eva02, text_at_top)
     torch.save(checkpoint, tmp_path / "eva_clip.pt")
 
-    loaded = create_openclip(name, tmp_path / "eva_clip.pt").eval()  # strict: every key used, none missing
+    loaded = create_open_clip(f"open_clip:{name}@{tmp_path / 'eva_clip.pt'}").eval()  # strict: every key used
     state = loaded.state_dict()
     for theirs, ours in (EVA02_CLIP_TO_OPEN_CLIP if eva02 else EVA_CLIP_TO_OPEN_CLIP).items():
         assert torch.equal(state[ours], checkpoint[theirs]), f"{theirs} -> {ours}"
@@ -127,7 +127,7 @@ def test_eva_clip_layout_loads_every_tensor_where_eva_clip_uses_it(eva_clip_conf
     assert torch.equal(state["text.token_embedding.weight"], checkpoint[text_key])
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        teacher = CLIPTeacher.from_pretrained(name, str(tmp_path / "eva_clip.pt"))
+        teacher = CLIPTeacher.from_pretrained(f"open_clip:{name}@{tmp_path / 'eva_clip.pt'}")
         assert torch.equal(teacher(images), CLIPTeacher(loaded.visual)(images))
 
 
@@ -140,12 +140,12 @@ def test_eva_clip_layout_errors_name_the_problem(eva_clip_configs, tmp_path):
     (tmp_path / "uta-test-loader-vit.json").write_text(json.dumps(vit_cfg))
     open_clip.add_model_config(tmp_path / "uta-test-loader-vit.json")
     with pytest.raises(CheckpointError, match="EVA-CLIP's layout.*VisionTransformer"):
-        create_openclip("uta-test-loader-vit", tmp_path / "eva_clip.pt")
+        create_open_clip(f"open_clip:uta-test-loader-vit@{tmp_path / 'eva_clip.pt'}")
     del eva_clip["visual.blocks.1.mlp.fc2.weight"]
     eva_clip["visual.extra"] = torch.zeros(1)
     torch.save(eva_clip, tmp_path / "broken.pt")
     with pytest.raises(CheckpointError, match=r"missing keys \(1\): visual.trunk.blocks.1.mlp.fc2.weight"):
-        create_openclip(eva_clip_configs[0], tmp_path / "broken.pt")
+        create_open_clip(f"open_clip:{eva_clip_configs[0]}@{tmp_path / 'broken.pt'}")
 
 
 @pytest.fixture
@@ -163,30 +163,32 @@ def no_network(monkeypatch):
 
 
 def test_hub_models_and_tags_are_refused_without_network(no_network):
-    with pytest.raises(ValueError, match="Hugging Face Hub.*local-dir:PATH"):
-        CLIPTeacher.from_pretrained("hf-hub:timm/eva_giant_patch14_clip_224.laion400m")
+    with pytest.raises(ValueError, match="Hugging Face Hub.*open_clip:local-dir:DIR"):
+        CLIPTeacher.from_pretrained("open_clip:hf-hub:timm/eva_giant_patch14_clip_224.laion400m")
     with pytest.raises(FileNotFoundError, match="only read from local files"):
-        CLIPTeacher.from_pretrained("ViT-S-16", "laion2b_s34b_b79k")  # a pretrained tag, not a file
+        CLIPTeacher.from_pretrained("open_clip:ViT-S-16@laion2b_s34b_b79k")  # a pretrained tag, not a file
     with pytest.raises(ValueError, match="text tower from the Hugging Face model 'roberta-base'"):
-        create_openclip("roberta-ViT-B-32")
+        create_open_clip("open_clip:roberta-ViT-B-32")
     with pytest.raises(ValueError, match="tokenizer .* would be downloaded"):
-        openclip_tokenizer("ViT-B-16-SigLIP")
+        open_clip_tokenizer("open_clip:ViT-B-16-SigLIP")
     with pytest.raises(ValueError, match="unknown open_clip model"):
-        create_openclip("no-such-model")
+        create_open_clip("open_clip:no-such-model")
     with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
-        create_openclip("local-dir:/nonexistent/teacher")
-    assert openclip_tokenizer("EVA01-g-14-plus")(["a photo"]).shape == (1, 77)  # the teacher's own BPE: local
+        create_open_clip("open_clip:local-dir:/nonexistent/teacher")
+    assert open_clip_tokenizer("open_clip:EVA01-g-14-plus")(["a photo"]).shape == (1, 77)  # the teacher's BPE: local
 
 
 def test_a_built_in_name_without_weights_is_an_error_unless_asked_for(no_network, teacher_dir, tmp_path):
     """A named teacher with no weights file would distil a random model with normal-looking losses."""
-    with pytest.raises(ValueError, match="without weights.*--teacher_pretrained"):
-        create_openclip("ViT-S-16")
+    with pytest.raises(ValueError, match="without weights.*open_clip:ViT-S-16@FILE"):
+        create_open_clip("open_clip:ViT-S-16")
     with pytest.raises(ValueError, match="without weights"):
-        CLIPTeacher.from_pretrained("ViT-S-16")
-    assert CLIPTeacher.from_pretrained("ViT-S-16", random_weights=True).grid == (14, 14)  # on purpose: timing
+        CLIPTeacher.from_pretrained("open_clip:ViT-S-16")
+    assert CLIPTeacher.from_pretrained("open_clip:ViT-S-16", random_weights=True).grid == (14, 14)  # on purpose
+    assert CLIPTeacher.from_pretrained("random:open_clip:ViT-S-16").grid == (14, 14)  # the same, in the source
     from pretrain.engine import PretrainArguments, Pretrainer
 
-    args = dict(data_path=str(tmp_path), output_dir=str(tmp_path / "run"), teacher="ViT-S-16", model="uta_test_p8_32")
+    args = dict(data_path=str(tmp_path), output_dir=str(tmp_path / "run"), teacher="open_clip:ViT-S-16",
+                model="uta_test_p8_32")
     with pytest.raises(ValueError, match="without weights"):
         Pretrainer(PretrainArguments(**args))

@@ -15,7 +15,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionModel, CLI
 
 from llava_uta.model.convert import main as convert_main
 from llava_uta.model.llava_builder import build_llava, load_vision_tower
-from llava_uta.model.openclip_tower import convert_open_clip
+from llava_uta.model.open_clip_tower import convert_open_clip
 from llava_uta.serve.chat import ChatSession
 from llava_uta.serve.loader import load_pretrained_model
 from llava_uta.train.train import train
@@ -43,7 +43,7 @@ def _teacher_dir(root: Path, seed: int = 0, **cfg) -> Path:
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> Path:
-    return _teacher_dir(tmp_path_factory.mktemp("openclip") / "teacher")
+    return _teacher_dir(tmp_path_factory.mktemp("open_clip") / "teacher")
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +53,8 @@ def tok(llava_parts) -> Path:
 
 @pytest.fixture(scope="module")
 def tower(tmp_path_factory, teacher) -> Path:
-    out = tmp_path_factory.mktemp("openclip_tower") / "tower"
-    convert_main(["--from-open-clip", f"local-dir:{teacher}", str(out)])
+    out = tmp_path_factory.mktemp("open_clip_tower") / "tower"
+    convert_main(["--from-open-clip", f"open_clip:local-dir:{teacher}", str(out)])
     return out
 
 
@@ -68,7 +68,7 @@ def tower(tmp_path_factory, teacher) -> Path:
 )
 def test_converted_tower_matches_open_clip(tmp_path, cfg, act):
     teacher = _teacher_dir(tmp_path / "teacher", seed=1, **cfg)
-    out = convert_open_clip(f"local-dir:{teacher}", tmp_path / "tower")
+    out = convert_open_clip(f"open_clip:local-dir:{teacher}", tmp_path / "tower")
     tower = CLIPVisionModelWithProjection.from_pretrained(out).eval()
     config = tower.config
     assert (config.model_type, config.hidden_act, config.layer_norm_eps) == ("clip_vision_model", act, 1e-5)
@@ -109,7 +109,7 @@ def test_folder_loads_as_llava_s_clip_vision_model_with_the_open_clip_preprocess
     config = json.loads((custom / "open_clip_config.json").read_text())
     config["preprocess_cfg"].update(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], interpolation="bilinear")
     (custom / "open_clip_config.json").write_text(json.dumps(config))
-    convert_main(["--from-open-clip", f"local-dir:{custom}", str(tmp_path / "custom_tower")])
+    convert_main(["--from-open-clip", str(custom), str(tmp_path / "custom_tower")])  # a bare open_clip folder
     processor = AutoImageProcessor.from_pretrained(tmp_path / "custom_tower")
     assert (list(processor.image_mean), list(processor.image_std)) == ([0.5] * 3, [0.25] * 3)
     assert processor.resample == 2  # bilinear
@@ -120,17 +120,22 @@ def test_named_model_with_a_local_weights_file(tmp_path, tower):
     open_clip.add_model_config(tmp_path / "uta-test-vit.json")
     torch.manual_seed(2)
     torch.save(open_clip.create_model("uta-test-vit").state_dict(), tmp_path / "weights.pt")
-    convert_main(["--from-open-clip", "uta-test-vit", "--open-clip-pretrained", str(tmp_path / "weights.pt"),
-                  str(tmp_path / "tower")])
+    convert_main(["--from-open-clip", f"open_clip:uta-test-vit@{tmp_path / 'weights.pt'}", str(tmp_path / "tower")])
+    with pytest.warns(FutureWarning) as warned:  # the last release's spelling: the same tower, and warnings
+        convert_main(["--from-open-clip", "uta-test-vit", "--open-clip-pretrained", str(tmp_path / "weights.pt"),
+                      str(tmp_path / "old")])
+    new_spelling = f"write --from-open-clip open_clip:uta-test-vit@{tmp_path / 'weights.pt'} "
+    assert any(new_spelling in str(w.message) for w in warned)
     clip = open_clip.create_model("uta-test-vit", pretrained=str(tmp_path / "weights.pt")).eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        embeds = CLIPVisionModelWithProjection.from_pretrained(tmp_path / "tower")(x).image_embeds
-        torch.testing.assert_close(embeds, clip.encode_image(x), atol=1e-5, rtol=1e-5)
+        for tower in ("tower", "old"):
+            embeds = CLIPVisionModelWithProjection.from_pretrained(tmp_path / tower)(x).image_embeds
+            torch.testing.assert_close(embeds, clip.encode_image(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(FileNotFoundError, match="only read from local files"):
-        convert_open_clip("uta-test-vit", tmp_path / "x", pretrained="openai")  # a tag would download
+        convert_open_clip("open_clip:uta-test-vit@openai", tmp_path / "x")  # a tag would download
     with pytest.raises(SystemExit):
-        convert_main(["--from-open-clip", "uta-test-vit", "--to", "official", str(tmp_path / "y")])
+        convert_main(["--from-open-clip", "open_clip:uta-test-vit", "--to", "official", str(tmp_path / "y")])
 
 
 @pytest.mark.parametrize("select_feature", ["patch", "cls_patch"])
@@ -176,9 +181,9 @@ def test_llava_trains_and_serves_on_the_converted_tower(tmp_path, llava_parts, t
 def test_unsupported_open_clip_models_are_refused(tmp_path, vision_cfg, reasons):
     root = _teacher_dir(tmp_path / "odd", vision_cfg={**TINY["vision_cfg"], **vision_cfg})
     with pytest.raises(ValueError, match="cannot be converted to a transformers CLIP vision tower") as error:
-        convert_open_clip(f"local-dir:{root}", tmp_path / "tower")
+        convert_open_clip(f"open_clip:local-dir:{root}", tmp_path / "tower")
     message = str(error.value)
-    assert message.startswith(f"local-dir:{root} ") and all(reason in message for reason in reasons), message
+    assert message.startswith(f"open_clip:local-dir:{root} ") and all(reason in message for reason in reasons), message
     assert not (tmp_path / "tower").exists()
 
 
@@ -188,4 +193,4 @@ def test_preprocessing_without_a_clip_image_processor_twin_is_refused(tmp_path):
     config["preprocess_cfg"]["resize_mode"] = "squash"
     (root / "open_clip_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="resize_mode 'squash'"):
-        convert_open_clip(f"local-dir:{root}", tmp_path / "tower")
+        convert_open_clip(f"open_clip:local-dir:{root}", tmp_path / "tower")

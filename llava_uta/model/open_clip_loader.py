@@ -1,8 +1,9 @@
-"""The one open_clip loader (pre-training teacher, zero-shot models, the comparison tower): local files only.
+"""The one open_clip loader (pre-training teacher, zero-shot models, text towers, the comparison tower): local files
+only. Models are given as model sources (llava_uta.model.model_source, docs/model-sources.md):
 
-    create_openclip("local-dir:runs/teacher")                         # an open_clip folder (config + weights)
-    create_openclip("EVA01-g-14-plus", "/ckpt/EVA01_CLIP_g_14_plus_psz14_s11B.pt")   # a name + a weights file
-    create_openclip("ViT-B-16", random_weights=True)                  # a name alone: random weights (timing only)
+    create_open_clip("open_clip:local-dir:runs/teacher")               # an open_clip folder (config + weights)
+    create_open_clip("open_clip:EVA01-g-14-plus@/ckpt/EVA01_CLIP_g_14_plus_psz14_s11B.pt")   # a name + a weights file
+    create_open_clip("random:open_clip:ViT-B-16")                      # the architecture alone: random weights
 
 A weights file is read without unpickling code (safetensors, or torch.load(weights_only=True)) and loaded strictly.
 It holds open_clip's own layout or EVA-CLIP's (BAAI's released `.pt` files): `visual.blocks.N...` for the timm
@@ -25,71 +26,74 @@ from timm.models.eva import checkpoint_filter_fn as eva_checkpoint_filter_fn
 from torch import Tensor, nn
 
 from llava_uta.model.checkpoint import CheckpointError, load_state_dict_file, load_strict
+from llava_uta.model.model_source import GUIDE, LOCAL_DIR, ModelSource, parse_model_source
 
 EVA_CLIP_KEY = "visual.patch_embed.proj.weight"  # EVA-CLIP's layout; open_clip's is visual.trunk.patch_embed...
 LOCAL_ONLY = "nothing is downloaded at run time"
 
 
-def openclip_model_config(name: str) -> dict:
-    """The model config of a built-in open_clip name or a local-dir:PATH folder (no Hub names)."""
+def open_clip_model_config(name: str) -> dict:
+    """The model config of a built-in open_clip name or a local-dir:DIR folder (no Hub names)."""
     schema, identifier = parse_model_name(name)
     if schema == "hf-hub":
         raise ValueError(
             f"open_clip model {name!r} lives on the Hugging Face Hub and {LOCAL_ONLY}: download it yourself and give "
-            f"local-dir:PATH (a folder with open_clip_config.json and its weights), or a model name with a local "
-            f"weights file"
+            f"open_clip:local-dir:DIR (a folder with open_clip_config.json and its weights), or "
+            f"open_clip:NAME@WEIGHTS (a model name with a local weights file; see {GUIDE})"
         )
     if schema == "local-dir":
         if not os.path.isfile(os.path.join(identifier, "open_clip_config.json")):
             raise FileNotFoundError(f"{name}: no open_clip_config.json in {identifier} (an open_clip local-dir folder)")
         return open_clip.get_model_config(name)
     if name not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip model {name!r} (see open_clip.list_models(), or use local-dir:PATH)")
+        raise ValueError(f"unknown open_clip model {name!r} (see open_clip.list_models(), or give an open_clip folder "
+                         f"as open_clip:local-dir:DIR)")
     return open_clip.get_model_config(name)
 
 
-def create_openclip(name: str, weights: str | os.PathLike | None = None, load_weights: bool = True,
-                    random_weights: bool = False) -> nn.Module:
-    """An open_clip model: NAME + a local weights file (open_clip or EVA-CLIP layout), or local-dir:PATH.
+def create_open_clip(source: str | ModelSource, random_weights: bool = False) -> nn.Module:
+    """An open_clip model from a model source: open_clip:NAME@WEIGHTS (open_clip or EVA-CLIP layout) or
+    open_clip:local-dir:DIR; random:SOURCE builds the architecture alone (a folder's weights are not read).
 
-    A built-in NAME without a weights file is an error, because it would silently be a random model (a teacher that
-    distils noise for days with normal-looking losses); `random_weights=True` asks for that on purpose (benchmarks).
-    `load_weights=False` builds the architecture only (a local-dir folder's weights are not read): random weights.
+    A NAME without a weights file is an error, because it would silently be a random model (a teacher that distils
+    noise for days with normal-looking losses); random:SOURCE or `random_weights=True` (--teacher_random_weights,
+    --text_random_weights) ask for random weights on purpose (benchmarks).
     """
-    name = name.removeprefix("openclip:")
-    cfg = openclip_model_config(name)
+    source = parse_model_source(source, ("open_clip",))
+    name = source.target
+    cfg = open_clip_model_config(name)
     if "hf_model_name" in cfg.get("text_cfg", {}):
         raise ValueError(
             f"open_clip model {name!r} builds its text tower from the Hugging Face model "
             f"{cfg['text_cfg']['hf_model_name']!r}, which would be fetched from the Hub, and {LOCAL_ONLY}"
         )
-    if weights is not None and name.startswith("local-dir:"):
-        raise ValueError(f"{name} holds its own weights: do not also give a weights file ({weights})")
-    if weights is not None and not os.path.isfile(weights):
-        raise FileNotFoundError(f"open_clip weights {weights}: no such file (weights are only read from local files; "
-                                f"pretrained tags would be downloaded)")
-    if weights is None and load_weights and not random_weights and not name.startswith("local-dir:"):
-        raise ValueError(f"open_clip model {name!r} is named without weights, which would give a random model: pass "
-                         "its weights file (e.g. --teacher_pretrained / --text_pretrained FILE, or NAME@FILE), or an "
-                         "open_clip folder as local-dir:PATH; random weights only on purpose "
-                         "(--teacher_random_weights, benchmarks)")
+    if source.random_init:
+        return open_clip.create_model(name, load_weights=False)
+    if source.weights is not None and not os.path.isfile(source.weights):
+        raise FileNotFoundError(f"open_clip weights {source.weights}: no such file (weights are only read from local "
+                                f"files; pretrained tags would be downloaded)")
+    if not source.has_weights and not random_weights:
+        raise ValueError(f"open_clip model {name!r} is named without weights, which would give a random model: give "
+                         f"its weights file as open_clip:{name}@FILE, or an open_clip folder as "
+                         f"open_clip:local-dir:DIR (see {GUIDE}); random weights only on purpose "
+                         f"(random:open_clip:{name}, --teacher_random_weights, benchmarks)")
     # local-dir: config and weights from the folder; a name: its weights file below, or random weights on request
-    model = open_clip.create_model(name, load_weights=load_weights)
-    if weights is not None and load_weights:
-        load_openclip_weights(model, weights)
+    model = open_clip.create_model(name)
+    if source.weights is not None:
+        load_open_clip_weights(model, source.weights)
     return model
 
 
-def openclip_tokenizer(name: str) -> Callable[[list[str]], Tensor]:
-    """open_clip's tokenizer for a model, refusing those open_clip would fetch (HF tokenizers, SigLIP vocabularies)."""
-    name = name.removeprefix("openclip:")
-    cfg = openclip_model_config(name)
-    schema, _ = parse_model_name(name)
+def open_clip_tokenizer(source: str | ModelSource) -> Callable[[list[str]], Tensor]:
+    """open_clip's tokenizer for a model source, refusing those open_clip would fetch (HF tokenizers, SigLIP)."""
+    name = parse_model_source(source, ("open_clip",)).target
+    cfg = open_clip_model_config(name)
     hf_tokenizer = cfg.get("text_cfg", {}).get("hf_tokenizer_name")
-    if schema != "local-dir" and (hf_tokenizer or "siglip" in name.lower()):
+    if not name.startswith(LOCAL_DIR) and (hf_tokenizer or "siglip" in name.lower()):
         raise ValueError(
             f"the tokenizer of open_clip model {name!r} ({hf_tokenizer or 'a SigLIP vocabulary'}) would be downloaded, "
-            f"and {LOCAL_ONLY}: save the model with its tokenizer files as an open_clip folder and use local-dir:PATH"
+            f"and {LOCAL_ONLY}: save the model with its tokenizer files as an open_clip folder and give "
+            f"open_clip:local-dir:DIR"
         )
     return open_clip.get_tokenizer(name)
 
@@ -111,7 +115,7 @@ def eva_clip_to_open_clip(state_dict: dict[str, Tensor], model: nn.Module, sourc
     return converted
 
 
-def load_openclip_weights(model: nn.Module, path: str | os.PathLike) -> None:
+def load_open_clip_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a local weights file (open_clip or EVA-CLIP layout) into an open_clip model, strictly."""
     state_dict = load_state_dict_file(path)
     if all(k.startswith("module.") for k in state_dict):  # saved from a DistributedDataParallel wrapper
