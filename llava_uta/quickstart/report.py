@@ -80,23 +80,13 @@ def bench_section(paths: Layout, rows: Rows) -> list[str]:
             "![LLaVA-Bench](plots/bench.png)"]
 
 
-def grounding_section(paths: Layout, rows: Rows) -> list[str]:
-    return ["## Grounding (held-out images, short answers), accuracy (%)", "",
-            grounding_table({label: _read_json(stage.output) for label, stage in rows}), "",
-            "`llava-uta-bench grounding`: one question per kind and image, right when the answer names the "
-            "true value alone; chance = share of the most frequent true answer. The blind tower is UTA's with "
-            "its patch embedding zeroed (same recipe, no image): a tower helps by its margin over that row. "
-            "The last row is the LLM LLaVA starts from, asked with each image's description in words in "
-            "place of the image (`--scene-in-words`): what it answers when the facts are in its context."]
+def grounding_section(heading: str, caption: str) -> Callable[[Layout, Rows], list[str]]:
+    """A section of one grounding table, a row per finished grounding stage."""
 
+    def write(paths: Layout, rows: Rows) -> list[str]:
+        return [heading, "", grounding_table({label: _read_json(stage.output) for label, stage in rows}), "", caption]
 
-def ladder_section(paths: Layout, rows: Rows) -> list[str]:
-    return ["## The shape ladder (grounding, accuracy %)", "",
-            grounding_table({label: _read_json(stage.output) for label, stage in rows}), "",
-            "The same LLM and LLaVA stage 2 on the same kinds of conversation, the scene handed over (a) in "
-            "words, (b) as one token per grid cell holding that cell's facts (the symbolic tower: no pixels, "
-            "no error), (c) as the UTA tower's merged patch tokens (the run above). Where accuracy drops "
-            "from one step to the next is where the image's content is lost."]
+    return write
 
 
 def probe_tables(paths: Layout, rows: Rows) -> list[str]:
@@ -139,8 +129,19 @@ class Section:
 SECTIONS = {
     "zeroshot": Section(zeroshot_section),
     "bench": Section(bench_section),
-    "grounding": Section(grounding_section),
-    "ladder": Section(ladder_section, needs_every_stage=True),
+    "grounding": Section(grounding_section(
+        "## Grounding (held-out images, short answers), accuracy (%)",
+        "`llava-uta-bench grounding`: one question per kind and image, right when the answer names the true value "
+        "alone; chance = share of the most frequent true answer. The blind tower is UTA's with its patch embedding "
+        "zeroed (same recipe, no image): a tower helps by its margin over that row. The last row is the LLM LLaVA "
+        "starts from, asked with each image's description in words in place of the image (`--scene-in-words`): what "
+        "it answers when the facts are in its context.")),
+    "ladder": Section(grounding_section(
+        "## The shape ladder (grounding, accuracy %)",
+        "The same LLM and LLaVA stage 2 on the same kinds of conversation, the scene handed over (a) in words, (b) as "
+        "one token per grid cell holding that cell's facts (the symbolic tower: no pixels, no error), (c) as the UTA "
+        "tower's merged patch tokens (the run above). Where accuracy drops from one step to the next is where the "
+        "image's content is lost."), needs_every_stage=True),
     "ladder-probe": Section(probe_tables),
     "classification": Section(classification_section),
     "probes": Section(probes_section),
