@@ -101,13 +101,13 @@ def barrier() -> None:
         dist.barrier()
 
 
-def global_mean(value: float, world: int, device: torch.device) -> float:
-    """The mean of a per-rank value over all ranks."""
+def global_mean(values: list[float], world: int, device: torch.device) -> list[float]:
+    """The means of per-rank values over all ranks, in one all-reduce."""
     if world == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
-    return tensor.item() / world
+    return (tensor / world).tolist()
 
 
 def fp32_state_dict(model: nn.Module, engine, bf16: bool, rank: int) -> dict[str, Tensor] | None:
@@ -318,9 +318,9 @@ class StepTrainer:
                 grad_norm = self.optimizer_step()
                 self.step += 1
                 # the ranks agree on the time budget
-                self.train_seconds += global_mean(time.perf_counter() - start, self.world, self.device)
+                elapsed, loss = global_mean([time.perf_counter() - start, loss], self.world, self.device)
+                self.train_seconds += elapsed
                 progress.update()
-                loss = global_mean(loss, self.world, self.device)
                 seconds = time.perf_counter() - start
                 self.logger.log({"step": self.step, "loss": loss, **self.step_stats(),
                                  "lr": self.optimizer.param_groups[self.logged_lr_group]["lr"], "grad_norm": grad_norm,
