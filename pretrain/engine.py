@@ -263,9 +263,6 @@ class Pretrainer(StepTrainer):
     def load_weights(self, folder: Path) -> None:
         load_strict(self.student, load_state_dict_file(folder / "student.safetensors"), str(folder))
 
-    def save_outputs(self) -> None:
-        self.save_student(self.out / "student.safetensors")
-
     def save_student(self, path: Path) -> None:
         """Write the student with fp32 weights (rank 0); a collective under DeepSpeed --bf16, so every rank calls it."""
         state = fp32_state_dict(self.unwrapped, self.engine, self.args.bf16, self.rank)

@@ -277,7 +277,7 @@ class ClassificationFinetuner(StepTrainer):
             load_strict(self.ema.module, load_state_dict_file(folder / "ema.safetensors"), str(folder))
 
     def save_outputs(self) -> None:
-        self.save_weights(self.out)
+        super().save_outputs()
         if self.rank == 0:
             write_json_atomic(self.out / "classes.json", self.classes)
 

@@ -225,15 +225,19 @@ class StepTrainer:
     `dataset` (with set_epoch), `sampler` (an EpochSampler), `optimizer`, `scheduler`, `checkpoints`, `accum`,
     `steps_per_epoch`, `total_steps`, `step` and `train_seconds` (and `engine` under DeepSpeed), and defines
     `train_step(micro_batches) -> this rank's loss` (the step's `accum` micro-batches, read lazily),
-    `optimizer_step() -> grad norm`, `save_weights(folder)` and `save_outputs()` (the run's final files; both called
-    on every rank), `load_weights(folder)`, and `train() -> summary`: `begin()`, `run_steps(...)`, its own final
-    evaluations into `run_summary(...)`, then `finish(summary)`. It may override the hooks and class attributes.
+    `optimizer_step() -> grad norm`, `save_weights(folder)` (called on every rank), `load_weights(folder)`, and
+    `train() -> summary`: `begin()`, `run_steps(...)`, its own final evaluations into `run_summary(...)`, then
+    `finish(summary)`. It may override the hooks and class attributes.
     """
 
     engine = None  # a DeepSpeed engine, which then holds the optimizer state and the weights of a checkpoint
     totals: tuple[str, ...] = ("train_seconds",)  # the run's running totals a checkpoint keeps beside the step
     logged_lr_group = -1  # the param group whose lr is logged: the last (under layer decay, one at the full lr)
     steady_keys: tuple[str, ...] = ("images_per_s",)  # throughput figures the summary averages over the run
+
+    def save_outputs(self) -> None:
+        """The run's final files, written on every rank: its weights as a checkpoint holds them, unless overridden."""
+        self.save_weights(self.out)
 
     def loader(self, epoch: int, start: int) -> DataLoader:
         """Epoch `epoch`'s micro-batches from this rank's sample `start` on (augmentations are seeded per sample)."""
