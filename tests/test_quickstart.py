@@ -282,6 +282,31 @@ def test_dry_run_prints_every_stage_command_and_runs_nothing(tmp_path, capsys):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
 
 
+def test_llava_seeds_train_every_tower_again_with_its_own_seed_folders_and_rows(tmp_path):
+    paths = Layout(tmp_path / "data", tmp_path / "runs")
+    canned_uta_summary(paths)
+    single = Pipeline(paths, get_profile("default"), seed=3).stages(compare=True)
+    stages = Pipeline(paths, get_profile("default"), seed=3, llava_seeds=2).stages(compare=True)
+    by_key = {s.key: s for s in stages}
+    assert len(by_key) == len(stages) == len(single) + 5 * len(TOWERS)
+    for tower in TOWERS:
+        first, second = by_key[f"stage2-{tower}"].argv(), by_key[f"stage2-{tower}-seed4"].argv()
+        assert first[first.index("--seed") + 1] == "3" and second[second.index("--seed") + 1] == "4"
+        assert second[second.index("--output_dir") + 1] == str(paths.llava(f"{tower}-seed4", 2))
+        assert second[second.index("--pretrain_mm_mlp_adapter") + 1] == str(paths.llava(f"{tower}-seed4", 1)
+                                                                              / "mm_projector.bin")
+        renamed = [a.replace(f"/{tower}-seed4/", f"/{tower}/") for a in second]
+        renamed[renamed.index("--seed") + 1] = "3"
+        assert renamed == first  # the same recipe: only the seed and the folders differ
+        grounding = by_key[f"grounding-{tower}-seed4"]
+        assert grounding.output == paths.grounding(f"{tower}-seed4")
+        assert grounding.report == {"grounding": f"{TOWERS[tower]} tower, LLaVA seed 4"}
+        assert by_key[f"grounding-{tower}"].report["grounding"] == f"{TOWERS[tower]} tower, LLaVA seed 3"
+        assert by_key[f"review-{tower}-seed4"].report == {"bench": f"{TOWERS[tower]} tower, LLaVA seed 4"}
+    with pytest.raises(ValueError, match="llava_seeds"):
+        Pipeline(paths, get_profile("default"), llava_seeds=0)
+
+
 class StandIn:
     """Replaces run_stage: writes each stage's output (or fails at one stage) and records what ran."""
 

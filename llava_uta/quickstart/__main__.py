@@ -3,6 +3,7 @@
     llava-uta-quickstart                 # the default profile: LLaVA on SmolLM2 (about an hour on 2 CPU cores)
     llava-uta-quickstart --compare       # + MIM, feature distillation and CLS-only students, block and random
                                          #   masking, and LLaVA with the teacher's tower instead of UTA's
+    llava-uta-quickstart --compare --llava-seeds 2   # every LLaVA tower trained with two seeds (the spread)
     llava-uta-quickstart --fast          # a small world and a few steps per stage (tests, about 3 minutes)
     llava-uta-quickstart --serve         # then open the web demo on the trained LLaVA
     llava-uta-quickstart --dry-run       # print each stage's shell command instead of running it
@@ -41,6 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lm", choices=sorted(LANGUAGE_MODELS),
                         help="the LLM LLaVA is built on (default: the profile's: smollm2, tiny with --fast)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--llava-seeds", type=int, default=1,
+                        help="train and evaluate LLaVA on every tower with this many seeds (SEED, SEED + 1, ...): "
+                        "the spread of the tower comparison; seed SEED keeps llava/TOWER, the others llava/TOWER-seedN")
     parser.add_argument("--host", default="127.0.0.1", help="with --serve")
     parser.add_argument("--port", type=int, default=7860, help="with --serve")
     for name in BUDGETS:
@@ -58,7 +62,9 @@ def main(argv: list[str] | None = None) -> None:
         state = RunState(layout.state, profile, name)
     except ValueError as err:
         raise SystemExit(f"llava-uta-quickstart: {err}") from None
-    stages = Pipeline(layout, profile, args.seed).stages(args.compare, args.ladder)
+    if args.llava_seeds < 1:
+        raise SystemExit(f"llava-uta-quickstart: --llava-seeds must be at least 1, got {args.llava_seeds}")
+    stages = Pipeline(layout, profile, args.seed, args.llava_seeds).stages(args.compare, args.ladder)
     if args.dry_run:
         for stage in stages:
             print(f"# {stage.title}{' (done)' if state.done(stage) else ''}\n{stage.command()}")

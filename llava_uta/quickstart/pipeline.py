@@ -105,8 +105,9 @@ class Layout:
     def tower(self, name: str) -> Path:
         return self.runs / "towers" / name
 
-    def llava(self, tower: str, stage: int) -> Path:
-        return self.runs / "llava" / tower / f"stage{stage}"
+    def llava(self, run: str, stage: int) -> Path:
+        """One LLaVA run's stage folder; a run is named by its tower (and its seed, after the first)."""
+        return self.runs / "llava" / run / f"stage{stage}"
 
     @property
     def symbolic_data(self) -> Path:
@@ -118,17 +119,17 @@ class Layout:
         """The shape ladder's first step: stage 2 on the scenes in words (its LLM answers with the scene in words)."""
         return self.runs / "llava" / "words" / "stage2"
 
-    def reviews(self, tower: str) -> Path:
-        return self.runs / "bench" / f"{tower}.jsonl"
+    def reviews(self, run: str) -> Path:
+        return self.runs / "bench" / f"{run}.jsonl"
 
-    def answers(self, tower: str) -> Path:
-        return self.runs / "bench" / f"answers-{tower}.jsonl"
+    def answers(self, run: str) -> Path:
+        return self.runs / "bench" / f"answers-{run}.jsonl"
 
-    def grounding(self, tower: str) -> Path:
-        return self.runs / "grounding" / f"{tower}.json"
+    def grounding(self, run: str) -> Path:
+        return self.runs / "grounding" / f"{run}.json"
 
-    def grounding_answers(self, tower: str) -> Path:
-        return self.runs / "grounding" / f"answers-{tower}.jsonl"
+    def grounding_answers(self, run: str) -> Path:
+        return self.runs / "grounding" / f"answers-{run}.jsonl"
 
     @property
     def lm_in_words(self) -> Path:
@@ -205,8 +206,10 @@ def run_stages(stages: list[Stage], state: RunState | FolderState) -> None:
 class Pipeline:
     """Builds the stage list of one quickstart run: each stage a tool and its flags."""
 
-    def __init__(self, layout: Layout, profile: Profile, seed: int = 0):
-        self.paths, self.profile, self.seed = layout, profile, seed
+    def __init__(self, layout: Layout, profile: Profile, seed: int = 0, llava_seeds: int = 1):
+        if llava_seeds < 1:
+            raise ValueError(f"llava_seeds must be at least 1, got {llava_seeds}")
+        self.paths, self.profile, self.seed, self.llava_seeds = layout, profile, seed, llava_seeds
         self.lm = LANGUAGE_MODELS[profile.lm]
 
     def stages(self, compare: bool, ladder: bool = False) -> list[Stage]:
@@ -224,7 +227,7 @@ class Pipeline:
             Stage("lm-reading", f"{self.lm.title} answering from the scenes in words, no image (grounding "
                   "--scene-in-words)", "llava-uta-bench", self.lm_reading_argv, p.lm_in_words,
                   {"grounding": f"{self.lm.title} alone, the scene in words (no image)"}),
-            *self.llava_stages("uta"),
+            *self.llava_seed_stages("uta"),
         ]
         if compare:  # the LLaVA controls first (minutes), then the other students
             for tower, title, argv in (
@@ -237,7 +240,7 @@ class Pipeline:
                 stages += [Stage(f"tower-{tower}", title, "llava-uta-convert",
                                  lambda argv=argv, tower=tower: [*argv, str(p.tower(tower))],
                                  p.tower(tower) / "config.json"),
-                           *self.llava_stages(tower)]
+                           *self.llava_seed_stages(tower)]
             stages.append(Stage("finetune-uta", "UTA student + teacher text, contrastive fine-tuning",
                                 "llava-uta-finetune-clip", self.finetune_argv, p.finetuned("uta") / "summary.json",
                                 {"zeroshot": "UTA + contrastive fine-tuning (its own text tower)"}))
@@ -392,32 +395,44 @@ class Pipeline:
 
     # ---- LLaVA with a tower, and its LLaVA-Bench
 
-    def llava_stages(self, tower: str) -> list[Stage]:
-        name, p = TOWERS.get(tower, SYMBOLIC), self.paths
-        bench = {"bench": f"{name} tower"} if tower in TOWERS else {}  # the symbolic tower: a ladder row only
-        grounding = {**({"grounding": f"{name} tower"} if tower in TOWERS else {}),
-                     **({"ladder": LADDER[tower]} if tower in LADDER else {})}
+    def llava_seed_stages(self, tower: str) -> list[Stage]:
+        """The LLaVA stages on one tower once per LLaVA seed (SEED, SEED + 1, ...): the spread of a tower's rows."""
+        return [stage for k in range(self.llava_seeds) for stage in self.llava_stages(tower, self.seed + k)]
+
+    def llava_run(self, tower: str, seed: int) -> str:
+        """The folder and file name of LLaVA's run on a tower: the tower's name, plus the seed after the first."""
+        return tower if seed == self.seed else f"{tower}-seed{seed}"
+
+    def llava_stages(self, tower: str, seed: int | None = None) -> list[Stage]:
+        seed = self.seed if seed is None else seed
+        run, p = self.llava_run(tower, seed), self.paths
+        name = f"{TOWERS.get(tower, SYMBOLIC)} tower" + (f", LLaVA seed {seed}" if self.llava_seeds > 1 else "")
+        bench = {"bench": name} if tower in TOWERS else {}  # the symbolic tower: a ladder row only
+        grounding = {**({"grounding": name} if tower in TOWERS else {}),
+                     **({"ladder": LADDER[tower]} if tower in LADDER and seed == self.seed else {})}
         return [
-            Stage(f"stage1-{tower}", f"LLaVA stage 1, {name} tower", "llava-uta-train",
-                  lambda: self.llava_argv(tower, 1), p.llava(tower, 1) / "mm_projector.bin"),
-            Stage(f"stage2-{tower}", f"LLaVA stage 2, {name} tower", "llava-uta-train",
-                  lambda: self.llava_argv(tower, 2), p.llava(tower, 2) / "model.safetensors"),
-            Stage(f"answer-{tower}", f"LLaVA-Bench answers, {name} tower", "llava-uta-bench",
-                  lambda: self.answer_argv(tower), p.answers(tower)),
-            Stage(f"review-{tower}", f"LLaVA-Bench reviews, {name} tower", "llava-uta-bench",
-                  lambda: self.review_argv(tower), p.reviews(tower), bench),
-            Stage(f"grounding-{tower}", f"grounding, {name} tower", "llava-uta-bench",
-                  lambda: self.grounding_argv(tower), p.grounding(tower), grounding),
+            Stage(f"stage1-{run}", f"LLaVA stage 1, {name}", "llava-uta-train",
+                  lambda: self.llava_argv(tower, 1, seed), p.llava(run, 1) / "mm_projector.bin"),
+            Stage(f"stage2-{run}", f"LLaVA stage 2, {name}", "llava-uta-train",
+                  lambda: self.llava_argv(tower, 2, seed), p.llava(run, 2) / "model.safetensors"),
+            Stage(f"answer-{run}", f"LLaVA-Bench answers, {name}", "llava-uta-bench",
+                  lambda: self.answer_argv(run), p.answers(run)),
+            Stage(f"review-{run}", f"LLaVA-Bench reviews, {name}", "llava-uta-bench",
+                  lambda: self.review_argv(run), p.reviews(run), bench),
+            Stage(f"grounding-{run}", f"grounding, {name}", "llava-uta-bench",
+                  lambda: self.grounding_argv(tower, run), p.grounding(run), grounding),
         ]
 
-    def llava_argv(self, tower: str, stage: int) -> list[str]:
+    def llava_argv(self, tower: str, stage: int, seed: int | None = None) -> list[str]:
         p, prof, r, lm = self.paths, self.profile, RECIPE, self.lm
+        seed = self.seed if seed is None else seed
+        run = self.llava_run(tower, seed)
         projector = "mlp2x_gelu" if tower == "symbolic" else r.projector_type  # symbolic: one token per cell already
         common = ["--model_name_or_path", str(p.lm), "--vision_tower", str(p.tower(tower)),
                   "--mm_projector_type", projector, "--mm_grid_tags", str(r.grid_tags),
                   "--image_folder", str(self.image_folder(tower)),
-                  "--output_dir", str(p.llava(tower, stage)), "--lr_scheduler_type", "cosine", "--logging_steps", "10",
-                  "--save_strategy", "no", "--report_to", "none", "--seed", str(self.seed),
+                  "--output_dir", str(p.llava(run, stage)), "--lr_scheduler_type", "cosine", "--logging_steps", "10",
+                  "--save_strategy", "no", "--report_to", "none", "--seed", str(seed),
                   "--disable_tqdm", "False", "--log_level", "warning"]
         if stage == 1:
             return [*common, "--version", "plain", "--tune_mm_mlp_adapter", "True",
@@ -428,7 +443,7 @@ class Pipeline:
                     "--weight_decay", str(r.stage1_weight_decay)]
         projector_lr = ["--mm_projector_lr", str(lm.projector_lr)] if lm.projector_lr else []
         return [*common, "--version", lm.template, "--pretrain_mm_mlp_adapter",
-                str(p.llava(tower, 1) / "mm_projector.bin"), "--data_path", str(p.data / "llava" / "instruct.json"),
+                str(p.llava(run, 1) / "mm_projector.bin"), "--data_path", str(p.data / "llava" / "instruct.json"),
                 "--per_device_train_batch_size", str(prof.stage2_batch), "--max_steps", str(prof.stage2_steps),
                 "--learning_rate", str(lm.stage2_lr), *projector_lr,
                 "--warmup_steps", str(warmup_steps(prof.stage2_steps, r.stage2_warmup_divisor)),
@@ -450,27 +465,27 @@ class Pipeline:
                 str(p.grounding_questions / "questions.jsonl"), "--answers-file", str(p.grounding_answers("words")),
                 "--output", str(p.grounding("words")), "--model-id", "llava-words", "--batch-size", "32"]
 
-    def answer_argv(self, tower: str) -> list[str]:
+    def answer_argv(self, run: str) -> list[str]:
         """LLaVA-Bench answers (appended to the answers file: an interrupted stage resumes)."""
         b = self.paths.bench
-        return ["answer", "--model-path", str(self.paths.llava(tower, 2)), "--question-file",
+        return ["answer", "--model-path", str(self.paths.llava(run, 2)), "--question-file",
                 str(b / "questions.jsonl"), "--image-folder", str(b / "images"), "--answers-file",
-                str(self.paths.answers(tower)), "--model-id", f"llava-{tower}",
+                str(self.paths.answers(run)), "--model-id", f"llava-{run}",
                 "--max-new-tokens", str(self.profile.bench_max_new_tokens), "--batch-size", "8"]
 
-    def review_argv(self, tower: str) -> list[str]:
+    def review_argv(self, run: str) -> list[str]:
         """The offline ShapesWorld judge's reviews of the answers."""
         b = self.paths.bench
         return ["review", "--question", str(b / "questions.jsonl"), "--context", str(b / "context.jsonl"),
-                "--answer-list", str(b / "answers_gpt4.jsonl"), str(self.paths.answers(tower)),
-                "--output", str(self.paths.reviews(tower)), "--judge", "shapes",
+                "--answer-list", str(b / "answers_gpt4.jsonl"), str(self.paths.answers(run)),
+                "--output", str(self.paths.reviews(run)), "--judge", "shapes",
                 "--ground-truth", str(b / "ground_truth.jsonl")]
 
-    def grounding_argv(self, tower: str) -> list[str]:
+    def grounding_argv(self, tower: str, run: str) -> list[str]:
         g = self.paths.grounding_questions
         images = self.image_folder(tower) / g.relative_to(self.paths.data) / "images"
-        return ["grounding", "--model-path", str(self.paths.llava(tower, 2)), "--question-file",
+        return ["grounding", "--model-path", str(self.paths.llava(run, 2)), "--question-file",
                 str(g / "questions.jsonl"), "--image-folder", str(images), "--answers-file",
-                str(self.paths.grounding_answers(tower)), "--output", str(self.paths.grounding(tower)),
-                "--model-id", f"llava-{tower}", "--max-new-tokens", str(self.profile.bench_max_new_tokens),
+                str(self.paths.grounding_answers(run)), "--output", str(self.paths.grounding(run)),
+                "--model-id", f"llava-{run}", "--max-new-tokens", str(self.profile.bench_max_new_tokens),
                 "--batch-size", "8"]
