@@ -202,3 +202,16 @@ def generation_prompt(version: str, turns: list[str], system: str | None = None)
     for i, message in enumerate([*turns, None]):
         conv.append_message(conv.roles[i % 2], message)
     return conv.get_prompt()
+
+
+def with_bos(prompt: str, tokenizer) -> str:
+    """`prompt` led by the tokenizer's BOS token, as LLaVA's prompts are by LLaMA's `<s>`.
+
+    The token is put in front where the tokenizer has one but does not add it itself (SmolLM2's `<|im_start|>`) and
+    the prompt does not already start with it (a ChatML prompt does). Without it a `plain` prompt would start with
+    the image tokens, where the LM's first token is the one every later token attends to.
+    """
+    bos = getattr(tokenizer, "bos_token", None)
+    if not bos or prompt.startswith(bos) or tokenizer.bos_token_id in tokenizer("")["input_ids"]:
+        return prompt
+    return bos + prompt

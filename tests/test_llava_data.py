@@ -265,3 +265,37 @@ def test_the_data_check_of_a_large_json_reads_headers_only(tmp_path):
     report = check_llava_data(tmp_path / "big.json", tmp_path, "v1")
     assert report.ok and report.samples == 100_000 and report.images == 1000
     assert "100,000 samples, 1,000 images checked in" in report.summary()
+
+
+def test_every_prompt_starts_with_the_bos_token_as_llava_s_do_and_chat_asks_what_training_taught(tokenizer):
+    """LLaMA's tokenizer puts <s> before every LLaVA sample; SmolLM2's adds none, so its BOS is put in front, once."""
+    from gguf_helpers import chat_tokenizer
+
+    from llava_uta.conversation import get_template, with_bos
+    from llava_uta.data.preprocess import build_conversation, tokenize_conversation
+    from llava_uta.serve.chat import ChatSession
+
+    chatml = chat_tokenizer(["a red circle in the top left corner.", "<|im_start|>user\nWhat is it?<|im_end|>"] * 8)
+    chatml.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_id, bos = chatml.convert_tokens_to_ids("<image>"), chatml.bos_token_id
+    assert chatml("")["input_ids"] == []  # like SmolLM2's: no BOS of its own
+    turns = [{"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": "a red circle."}]
+
+    plain = tokenize_conversation(build_conversation(turns, get_template("plain"), has_image=True), chatml, image_id,
+                                  "<image>" * 4, 512)
+    assert plain.input_ids[:5] == [bos] + [image_id] * 4
+    answer = [t for t, label in zip(plain.input_ids, plain.labels, strict=True) if label != IGNORE_INDEX]
+    assert chatml.decode(answer) == "a red circle.\n"  # the answer spans moved with the prompt
+    chat = tokenize_conversation(build_conversation(turns, get_template("chatml"), has_image=True), chatml, image_id,
+                                 "<image>" * 4, 512)
+    assert chat.input_ids[0] == bos and chat.input_ids[1] != bos  # a ChatML prompt starts with it already
+
+    assert tokenizer("")["input_ids"] == [tokenizer.bos_token_id]  # the tiny LM's adds its own: nothing is put in front
+    assert with_bos("a red circle.", tokenizer) == "a red circle."
+
+    class Loaded:  # what ChatSession.prompt reads of a loaded model
+        conv_mode, tokenizer = "plain", chatml
+
+    session = ChatSession(Loaded(), image=Image.new("RGB", (8, 8)))
+    prompt = chatml(session.prompt("Describe it."))["input_ids"]
+    assert prompt == plain.input_ids[: len(prompt)] and prompt[0] == bos

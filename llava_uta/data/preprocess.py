@@ -4,7 +4,8 @@ The prompt is rendered once by `llava_uta.conversation` and tokenized in one pie
 time; a token is supervised when its characters overlap an answer span the template reports (the answer and its
 closing separator, e.g. `</s>` for v1). That replaces LLaVA's per-round length arithmetic, which silently masks
 whole samples when a tokenizer splits differently ("tokenization mismatch", docs/llava.md#known-pitfalls).
-Each `<image>` is one added special token; before tokenizing, each is replaced by the text the model's processor puts
+A prompt starts with the tokenizer's BOS token (`conversation.with_bos`), as at generation time. Each `<image>` is one
+added special token; before tokenizing, each is replaced by the text the model's processor puts
 in its place (the tower's number of image tokens, as transformers' Llava expects, with grid tags the text tags between
 them), so that training tokenizes the prompt exactly as generation does.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llava_uta.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
-from llava_uta.conversation import Conversation, SeparatorStyle
+from llava_uta.conversation import Conversation, SeparatorStyle, with_bos
 
 ROLES = ("human", "gpt")
 
@@ -70,6 +71,9 @@ def tokenize_conversation(
 ) -> TokenizedSample:
     """Token ids with each `<image>` expanded to `image_text`, and labels (IGNORE_INDEX off the answers)."""
     rendered, rendered_spans = conv.render()
+    led = with_bos(rendered, tokenizer)
+    shift = len(led) - len(rendered)
+    rendered, rendered_spans = led, [(a + shift, b + shift) for a, b in rendered_spans]
     prompt, spans = expand_images(rendered, rendered_spans, image_text)
     encoding = tokenizer(prompt, return_offsets_mapping=True)
     input_ids: list[int] = encoding["input_ids"]

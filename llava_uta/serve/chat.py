@@ -23,7 +23,7 @@ from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from llava_uta.constants import DEFAULT_IMAGE_TOKEN
-from llava_uta.conversation import generation_prompt, get_template
+from llava_uta.conversation import generation_prompt, get_template, with_bos
 from llava_uta.serve.loader import LoadedModel
 
 STREAM_TIMEOUT_S = 600.0  # a generation step slower than this is treated as hung
@@ -134,9 +134,11 @@ class ChatSession(Turns):
             self.image = image.convert("RGB")
 
     def prompt(self, question: str) -> str:
-        """The full prompt for `question` as the next user turn (the image token goes before the first one)."""
+        """The full prompt for `question` as the next user turn (the image token goes before the first one), led by
+        the tokenizer's BOS token as in training."""
         first = question if self.turns or self.image is None else f"{DEFAULT_IMAGE_TOKEN}\n{question}"
-        return generation_prompt(self.conv_mode, [*self._history_with_image(), first], self.system)
+        prompt = generation_prompt(self.conv_mode, [*self._history_with_image(), first], self.system)
+        return with_bos(prompt, self.loaded.tokenizer)
 
     def prompt_tokens(self, question: str) -> int:
         """How many tokens the model reads for `question` (image tokens included)."""

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from llava_uta.conversation import generation_prompt, get_template
+from llava_uta.conversation import generation_prompt, get_template, with_bos
 from llava_uta.data.shapes.scene import COLORS
 from llava_uta.eval.llavabench.answer import answer_questions, answer_record
 from llava_uta.eval.llavabench.jsonl import AppendLog, read_jsonl
@@ -159,7 +159,8 @@ def answer_in_words(model_path: str, questions: list[dict], descriptions: dict[s
     todo = [q for q in questions if q["question_id"] not in log.done_ids]
     for start in tqdm(range(0, len(todo), batch_size), desc="answers", unit="batch"):
         chunk = todo[start : start + batch_size]
-        prompts = [generation_prompt(conv_mode, [f"{descriptions[q['image']]}\n{q['text']}"]) for q in chunk]
+        prompts = [with_bos(generation_prompt(conv_mode, [f"{descriptions[q['image']]}\n{q['text']}"]), tokenizer)
+                   for q in chunk]
         inputs = tokenizer(prompts, return_tensors="pt", padding=True)
         with torch.inference_mode():
             output = model.generate(**inputs, do_sample=False, max_new_tokens=SHORT_MAX_NEW_TOKENS,
