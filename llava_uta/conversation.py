@@ -209,7 +209,7 @@ def with_bos(prompt: str, tokenizer) -> str:
 
     The token is put in front where the tokenizer has one but does not add it itself (SmolLM2's `<|im_start|>`) and
     the prompt does not already start with it (a ChatML prompt does). Without it a `plain` prompt would start with
-    the image tokens, where the LM's first token is the one every later token attends to.
+    the image tokens, in the first position, where LMs keep their attention sink.
     """
     bos = getattr(tokenizer, "bos_token", None)
     if not bos or prompt.startswith(bos) or tokenizer.bos_token_id in tokenizer("")["input_ids"]:

@@ -60,11 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     layout = Layout(args.data or Path(f"playground/data/shapes{suffix}"), args.runs or Path(f"runs/shapes{suffix}"))
     try:
         state = RunState(layout.state, profile, name)
+        stages = Pipeline(layout, profile, args.seed, args.llava_seeds).stages(args.compare, args.ladder)
     except ValueError as err:
         raise SystemExit(f"llava-uta-quickstart: {err}") from None
-    if args.llava_seeds < 1:
-        raise SystemExit(f"llava-uta-quickstart: --llava-seeds must be at least 1, got {args.llava_seeds}")
-    stages = Pipeline(layout, profile, args.seed, args.llava_seeds).stages(args.compare, args.ladder)
     if args.dry_run:
         for stage in stages:
             print(f"# {stage.title}{' (done)' if state.done(stage) else ''}\n{stage.command()}")
